@@ -1,0 +1,41 @@
+"""batchloop: one loop per named queue, cluster-wide, over PostgreSQL.
+
+See README.md for usage and :mod:`batchloop.protocol` for how it works.
+"""
+
+from .api import list_workers, ping, start, status, stop
+from .errors import (
+    BatchloopError,
+    NotRegisteredError,
+    SchemaMissingError,
+    SchemaTooNewError,
+)
+from .host import Host
+from .models import Config, Debounce, Idle, Owner, TickReport, Work, WorkerStatus
+from .registry import work_query, worker
+from .migrate import migrate
+from .tick import tick
+
+__all__ = [
+    "BatchloopError",
+    "Config",
+    "Debounce",
+    "Host",
+    "Idle",
+    "NotRegisteredError",
+    "Owner",
+    "SchemaMissingError",
+    "SchemaTooNewError",
+    "TickReport",
+    "Work",
+    "WorkerStatus",
+    "list_workers",
+    "migrate",
+    "ping",
+    "start",
+    "status",
+    "stop",
+    "tick",
+    "work_query",
+    "worker",
+]

@@ -1,0 +1,78 @@
+"""A host's control connection: the one connection that holds its names' session locks.
+
+It also LISTENs for wake-ups, refreshes the host's heartbeat and runs the monitor's queries.
+Losing it means losing every lock, so the host cancels all its loops when it goes.
+Calls are serialised (a connection runs one statement at a time) and bounded by a timeout so
+a half-open socket is noticed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+import asyncpg
+
+from . import sql
+from .drivers.base import Row, translate
+from .schema_name import channel
+
+STATEMENT_TIMEOUT = 5.0
+"""Control statements are all quick; one that takes longer means the connection is bad."""
+
+
+class Control:
+    def __init__(self, conn: asyncpg.Connection, schema: str) -> None:
+        self.conn = conn
+        self.schema = schema
+        self._lock = anyio.Lock()
+
+    async def fetch(self, name: str, *args: Any) -> Sequence[Row]:
+        async with self._lock:
+            try:
+                rows: Sequence[Row] = await self.conn.fetch(
+                    sql.query(name, self.schema), *args, timeout=STATEMENT_TIMEOUT
+                )
+            except asyncpg.PostgresError as exc:
+                raise (translate(exc, self.schema) or exc) from exc
+            return rows
+
+    async def fetchrow(self, name: str, *args: Any) -> Row | None:
+        rows = await self.fetch(name, *args)
+        return rows[0] if rows else None
+
+    async def fetchval(self, name: str, *args: Any) -> Any:
+        row = await self.fetchrow(name, *args)
+        return next(iter(row.values())) if row else None
+
+    async def listen(self, callback: Callable[[str], None]) -> None:
+        def on_notify(_c: object, _pid: int, _channel: str, payload: str) -> None:
+            callback(payload)
+
+        async with self._lock:
+            await self.conn.add_listener(channel(self.schema), on_notify)
+
+    async def release_all(self, host_id: str, payloads: list[str]) -> None:
+        """Unlock every name, drop the host row and tell the other hosts, in one round trip."""
+        async with self._lock:
+            await self.conn.execute(
+                "SELECT pg_advisory_unlock_all(); "
+                + sql.query("forget_host", self.schema).replace("$1", _literal(host_id))
+                + ";"
+                + "".join(
+                    f" SELECT pg_notify({_literal(channel(self.schema))}, {_literal(p)});"
+                    for p in payloads
+                ),
+                timeout=STATEMENT_TIMEOUT,
+            )
+
+    def is_closed(self) -> bool:
+        return bool(self.conn.is_closed())
+
+    def terminate(self) -> None:
+        self.conn.terminate()
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"

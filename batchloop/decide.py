@@ -1,0 +1,73 @@
+"""The loop's decisions as pure functions: given what happened and the clock, what next.
+
+No I/O here. ``loop.py`` carries the decisions out inside its transactions; the unit tests
+exercise every branch without a database. Durations are float seconds measured with the
+database's clock (``now()`` deltas), never a host's wall clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .models import Debounce, Idle
+
+RUNNING_THRESHOLD = 1.0
+"""An ``Idle(timeout=t)`` with t at most max(this, poll_interval) keeps the worker running."""
+
+FIRST_RETRY = 0.5
+"""Backoff base: the first retry comes after 0.25 to 0.5 s."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunAgain:
+    """Stay running; run the next iteration after ``delay`` seconds."""
+
+    delay: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    """Leave the running state: idle until a ping, or waiting until ``timeout`` elapses."""
+
+    timeout: float | None
+
+    @property
+    def state(self) -> str:
+        return "idle" if self.timeout is None else "waiting"
+
+
+Decision = RunAgain | Sleep
+
+
+def after_work(result: Debounce | None) -> RunAgain:
+    """A batch committed: drain on at once, or after the worker's debounce."""
+    if result is None:
+        return RunAgain(0.0, "work")
+    return RunAgain(result.seconds, "debounce")
+
+
+def after_idle(idle: Idle, since_work: float) -> Decision:
+    """The query found nothing. ``since_work``: seconds since the last batch or wake."""
+    if since_work < idle.cooldown:
+        return RunAgain(idle.poll_interval, "cooldown")
+    if idle.timeout is not None and idle.timeout <= max(RUNNING_THRESHOLD, idle.poll_interval):
+        return RunAgain(idle.timeout, "short timeout")
+    return Sleep(idle.timeout)
+
+
+def after_failure(failures: int, cap: float, jitter: float) -> RunAgain:
+    """Exponential backoff with jitter. ``failures`` >= 1 counts this one; ``jitter`` in [0, 1)."""
+    if failures < 1:
+        raise ValueError("failures counts the failure being handled, so it is at least 1")
+    if not 0.0 <= jitter < 1.0:
+        raise ValueError("jitter must be in [0, 1)")
+    base = min(cap, FIRST_RETRY * 2.0 ** min(failures - 1, 60))
+    return RunAgain(base * (0.5 + 0.5 * jitter), "retry")
+
+
+def after_confirm(found_work: bool, idle: Idle) -> Decision:
+    """The go-idle step re-ran the query while holding off pings."""
+    if found_work:
+        return RunAgain(0.0, "work arrived while going idle")
+    return Sleep(idle.timeout)

@@ -1,0 +1,52 @@
+"""The interface every driver implements, and the mapping of server errors to ours."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from ..errors import SchemaMissingError, SchemaTooNewError
+
+Row = Mapping[str, Any]
+
+# SQLSTATEs meaning "the batchloop schema, or one of its objects, is not there".
+_MISSING = {"3F000", "42883", "42P01"}
+TOO_NEW = "BLNEW"
+
+
+class Session(Protocol):
+    """One database connection, as batchloop uses it: named queries and scripts."""
+
+    schema: str
+
+    @property
+    def raw(self) -> Any:
+        """The driver's own connection, handed to user callables."""
+        ...
+
+    async def fetch(self, name: str, *args: Any) -> Sequence[Row]: ...
+
+    async def fetchrow(self, name: str, *args: Any) -> Row | None: ...
+
+    async def fetchval(self, name: str, *args: Any) -> Any: ...
+
+    async def script(self, sql: str) -> None:
+        """Run SQL text that may hold several statements and no parameters."""
+        ...
+
+
+def translate(exc: BaseException, schema: str) -> BaseException | None:
+    """Our error for a server error that means the schema is missing, outdated or too new."""
+    state = getattr(exc, "sqlstate", None)
+    if state == TOO_NEW:
+        return SchemaTooNewError(_message(exc))
+    if state in _MISSING:
+        return SchemaMissingError(
+            f"the batchloop schema {schema!r} is missing or outdated in this database "
+            f"({_message(exc)}); run `batchloop migrate` (or `await batchloop.migrate(dsn)`)"
+        )
+    return None
+
+
+def _message(exc: BaseException) -> str:
+    return str(getattr(exc, "message", None) or exc).strip()

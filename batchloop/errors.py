@@ -1,0 +1,23 @@
+"""Exceptions batchloop raises to its callers."""
+
+from __future__ import annotations
+
+
+class BatchloopError(Exception):
+    """Base class for batchloop's own errors."""
+
+
+class NotRegisteredError(BatchloopError, TypeError):
+    """A callable given to ``ping`` was not registered with a batchloop decorator."""
+
+
+class SchemaMissingError(BatchloopError):
+    """The batchloop schema has not been created in this database."""
+
+
+class SchemaTooNewError(BatchloopError):
+    """The database schema was migrated by a newer batchloop than this one."""
+
+
+class Superseded(BatchloopError):
+    """This loop's generation is no longer current: another claim or a stop fenced it out."""

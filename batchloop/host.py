@@ -1,0 +1,389 @@
+"""Host: runs the loops of the names it owns, listens for wake-ups, and monitors the rest.
+
+One ``Host`` per process is typical; several in one process behave like separate processes
+(each has its own control connection and so its own locks). See :mod:`batchloop.protocol` for
+the whole protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any
+
+import anyio
+import asyncpg
+from anyio.abc import TaskGroup, TaskStatus
+
+from .connect import TRANSIENT, connect, create_pool, retrying
+from .control import Control
+from .drivers.asyncpg import AsyncpgSession
+from .errors import BatchloopError
+from .loop import Bound, CallableMissing, LoopContext, NameLoop
+from .migrate import check_version
+from .registry import import_modules, lookup
+from .schema_name import DEFAULT_SCHEMA, check_schema
+
+log = logging.getLogger("batchloop")
+
+
+class Host:
+    """Runs batchloop loops in this process while the ``async with`` block is open.
+
+    ``dsn``: a libpq URL or key/value string; None uses the ``PG*`` environment variables.
+    ``modules``: imported at start so their decorators register this host's callables.
+    ``monitor_interval``: how often to look for names whose owner died (bounds crash failover).
+    ``heartbeat_interval``: how often this host proves it is alive (must be well under any
+    name's ``monitor_lag``). ``shutdown_grace``: how long an exiting host lets in-flight batches
+    finish before cancelling (rolling back) them. ``startup_timeout``: how long to retry an
+    unreachable database at start (None: for ever).
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        modules: Iterable[str] = (),
+        schema: str = DEFAULT_SCHEMA,
+        pool_min_size: int = 1,
+        pool_max_size: int = 10,
+        monitor_interval: float = 0.5,
+        heartbeat_interval: float = 1.0,
+        shutdown_grace: float = 10.0,
+        startup_timeout: float | None = 30.0,
+        connect_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.dsn = dsn
+        self.modules = tuple(modules)
+        self.schema = check_schema(schema)
+        if not 0 < monitor_interval <= 60 or not 0 < heartbeat_interval <= 60:
+            raise ValueError("monitor_interval and heartbeat_interval must be in (0, 60] seconds")
+        if pool_max_size < 1 or pool_min_size < 0 or pool_min_size > pool_max_size:
+            raise ValueError("need 0 <= pool_min_size <= pool_max_size and pool_max_size >= 1")
+        self.monitor_interval = monitor_interval
+        self.heartbeat_interval = heartbeat_interval
+        self.shutdown_grace = shutdown_grace
+        self.startup_timeout = startup_timeout
+        self.host_id = uuid.uuid4().hex[:16]
+        self.hostname = socket.gethostname()
+        self.pid = os.getpid()
+        self.application_name = f"batchloop/{self.host_id}"
+        self._pool_sizes = (pool_min_size, pool_max_size)
+        self._connect_kwargs = dict(connect_kwargs or {})
+        self._pool: asyncpg.Pool | None = None
+        self._tg: TaskGroup | None = None
+        self._session_tg: TaskGroup | None = None
+        self._control: Control | None = None
+        self._loops: dict[str, NameLoop] = {}
+        self._claiming: set[str] = set()
+        self._unrunnable: set[tuple[str, str]] = set()
+        self._closing = False
+        self._inbox_send, self._inbox = anyio.create_memory_object_stream[str](10_000)
+
+    # ------------------------------------------------------------------ public surface
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """An asyncpg pool on the host's database, for your own transactions."""
+        if self._pool is None:
+            raise BatchloopError("the Host is not running: use `async with Host(...) as host`")
+        return self._pool
+
+    def owned(self) -> set[str]:
+        """Names whose loops this host runs right now."""
+        return set(self._loops)
+
+    async def __aenter__(self) -> Host:
+        import_modules(self.modules)
+        settings = {"application_name": self.application_name}
+        kwargs = {**self._connect_kwargs, "server_settings": settings}
+        self._pool = await create_pool(
+            self.dsn,
+            timeout=self.startup_timeout,
+            min_size=self._pool_sizes[0],
+            max_size=self._pool_sizes[1],
+            **kwargs,
+        )
+        try:
+            async with self._pool.acquire() as conn:
+                found = await _schema_version(AsyncpgSession(conn, self.schema))
+            check_version(found, self.schema)
+            self._tg = anyio.create_task_group()
+            await self._tg.__aenter__()
+            await self._tg.start(self._supervise)
+        except BaseException:
+            if self._tg is not None:
+                self._tg.cancel_scope.cancel()
+                await self._tg.__aexit__(None, None, None)
+                self._tg = None
+            await self._pool.close()
+            self._pool = None
+            raise
+        log.info("host %s started (schema %s, pid %d)", self.host_id, self.schema, self.pid)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._tg is not None and self._pool is not None
+        self._closing = True
+        if exc_type is not None and not issubclass(exc_type, anyio.get_cancelled_exc_class()):
+            # The body's own error: let it propagate as itself, not inside an ExceptionGroup.
+            exc_type = exc = tb = None
+        try:
+            released = [f"r:{loop.lock_key}:{loop.name}" for loop in self._loops.values()]
+            with anyio.CancelScope(shield=True):
+                await self._drain_loops()
+            self._tg.cancel_scope.cancel()
+            # The task group's scope must be exited directly, not from inside another scope.
+            await self._tg.__aexit__(exc_type, exc, tb)
+            with anyio.CancelScope(shield=True):
+                await self._say_goodbye(released)
+        finally:
+            self._tg = None
+            with anyio.CancelScope(shield=True):
+                await self._pool.close()
+            self._pool = None
+            log.info("host %s stopped", self.host_id)
+        return None
+
+    # ------------------------------------------------------------------ supervision
+
+    async def _supervise(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Keep a control session up; everything else lives and dies with it."""
+        first = True
+        while True:
+            try:
+                control = await self._open_control(self.startup_timeout if first else None)
+            except Exception:
+                if first:
+                    raise
+                log.exception("host %s: cannot reopen its control connection", self.host_id)
+                await anyio.sleep(1.0)
+                continue
+            lost = anyio.Event()
+            control.conn.add_termination_listener(lambda _c: lost.set())
+            try:
+                async with anyio.create_task_group() as tg:
+                    self._session_tg = tg
+                    self._control = control
+                    tg.start_soon(self._watch, lost, tg)
+                    tg.start_soon(self._heartbeat, lost)
+                    tg.start_soon(self._dispatch)
+                    await self._monitor_tick()
+                    tg.start_soon(self._monitor)
+                    if first:
+                        task_status.started()
+                        first = False
+            except Exception:
+                log.exception("host %s: control session failed", self.host_id)
+            finally:
+                self._session_tg = None
+                self._loops.clear()
+                self._claiming.clear()
+                if not self._closing:
+                    control.terminate()
+            if self._closing:
+                return
+            log.warning("host %s lost its control connection; reconnecting", self.host_id)
+
+    async def _open_control(self, timeout: float | None) -> Control:
+        conn = await connect(
+            self.dsn,
+            timeout=timeout,
+            **{**self._connect_kwargs, "server_settings": {"application_name": self.application_name}},
+        )
+        control = Control(conn, self.schema)
+        try:
+            await control.fetchval("register_host", self.host_id, self.hostname, self.pid)
+            await control.listen(self._on_notify)
+        except BaseException:
+            control.terminate()
+            raise
+        return control
+
+    async def _watch(self, lost: anyio.Event, tg: TaskGroup) -> None:
+        await lost.wait()
+        if not self._closing:
+            tg.cancel_scope.cancel()
+
+    async def _heartbeat(self, lost: anyio.Event) -> None:
+        control = self._control
+        assert control is not None
+        while True:
+            await anyio.sleep(self.heartbeat_interval)
+            try:
+                alive = await control.fetchval("heartbeat", self.host_id)
+            except Exception as exc:
+                log.warning("host %s: heartbeat failed: %s", self.host_id, exc)
+                lost.set()
+                return
+            if alive is None:
+                log.error("host %s was declared dead by another host; resetting", self.host_id)
+                lost.set()
+                return
+
+    # ------------------------------------------------------------------ wake-ups
+
+    def _on_notify(self, payload: str) -> None:
+        try:
+            self._inbox_send.send_nowait(payload)
+        except anyio.WouldBlock:
+            log.warning("host %s: wake-up inbox full; the monitor will catch up", self.host_id)
+
+    async def _dispatch(self) -> None:
+        async for payload in self._inbox:
+            kind, _, rest = payload.partition(":")
+            _key, _, name = rest.partition(":")
+            loop = self._loops.get(name)
+            if kind == "s":
+                if loop is not None:
+                    loop.stopping = True
+                    loop.wake()
+            elif kind in ("w", "r"):
+                if loop is not None:
+                    loop.wake()
+                else:
+                    await self._claim(name)
+
+    # ------------------------------------------------------------------ claims
+
+    async def _monitor(self) -> None:
+        while True:
+            await anyio.sleep(self.monitor_interval)
+            await self._monitor_tick()
+
+    async def _monitor_tick(self) -> None:
+        """One query for all names: claim orphans, and end owners that stopped heartbeating."""
+        control = self._control
+        if control is None or self._closing:
+            return
+        try:
+            rows = await control.fetch("orphans", 500)
+        except Exception as exc:
+            if isinstance(exc, TRANSIENT + (asyncpg.InterfaceError,)):
+                log.warning("host %s: monitor query failed: %s", self.host_id, exc)
+                return
+            raise
+        for row in rows:
+            stale = row["stale_owner"]
+            if stale is not None:
+                if stale != self.host_id:
+                    await self._end_host(stale)
+                continue
+            if row["name"] in self._loops or not self._runnable(row["work_query"], row["worker"]):
+                continue
+            await self._claim(row["name"])
+
+    def _runnable(self, query_ref: str, worker_ref: str) -> bool:
+        if lookup(query_ref, "work_query") and lookup(worker_ref, "worker"):
+            return True
+        if (query_ref, worker_ref) not in self._unrunnable:
+            self._unrunnable.add((query_ref, worker_ref))
+            log.warning(
+                "host %s does not run %s / %s: not registered here (pass their module in "
+                "Host(modules=...))",
+                self.host_id,
+                query_ref,
+                worker_ref,
+            )
+        return False
+
+    async def _end_host(self, host_id: str) -> None:
+        control = self._control
+        assert control is not None
+        ended = await control.fetchval("terminate_host", f"batchloop/{host_id}")
+        await control.fetchval("forget_host", host_id)
+        log.error(
+            "host %s stopped heartbeating; terminated its %s backend(s) to take over its names",
+            host_id,
+            ended,
+        )
+
+    async def _claim(self, name: str) -> None:
+        control, tg = self._control, self._session_tg
+        if (
+            control is None
+            or tg is None
+            or self._closing
+            or name in self._loops
+            or name in self._claiming
+        ):
+            return
+        self._claiming.add(name)
+        try:
+            row = await control.fetchrow("claim", name, self.host_id)
+            if row is None:
+                return
+            try:
+                bound = Bound.from_row(row)
+            except CallableMissing:
+                self._runnable(row["work_query"], row["worker"])
+                await control.fetchval("unlock", row["lock_key"])
+                return
+            loop = NameLoop(
+                ctx=LoopContext(self.pool, self.schema, self._release),
+                name=name,
+                generation=row["generation"],
+                lock_key=row["lock_key"],
+                bound=bound,
+                failures=row["consecutive_failures"],
+                first_delay=row["run_in"],
+            )
+            self._loops[name] = loop
+            log.debug("host %s claimed %r generation %d", self.host_id, name, loop.generation)
+            tg.start_soon(loop.run, name=f"batchloop:{name}")
+        finally:
+            self._claiming.discard(name)
+
+    async def _release(self, loop: NameLoop) -> None:
+        """A loop ended: unlock its name, then re-check it (a ping may have raced us)."""
+        if self._loops.get(loop.name) is loop:
+            del self._loops[loop.name]
+        control = self._control
+        if control is None or self._closing or control.is_closed():
+            return
+        try:
+            await control.fetchval("unlock", loop.lock_key)
+            if not loop.unrunnable:
+                await self._claim(loop.name)
+        except Exception as exc:
+            log.warning("host %s: releasing %r failed: %s", self.host_id, loop.name, exc)
+
+    # ------------------------------------------------------------------ shutdown
+
+    async def _drain_loops(self) -> None:
+        """Let in-flight iterations finish within the grace period."""
+        for loop in self._loops.values():
+            loop.stopping = True
+            loop.wake()
+        with anyio.move_on_after(self.shutdown_grace):
+            while any(loop.busy for loop in self._loops.values()):
+                await anyio.sleep(0.01)
+
+    async def _say_goodbye(self, released: list[str]) -> None:
+        control = self._control
+        self._control = None
+        if control is None or control.is_closed():
+            return
+        try:
+            await control.release_all(self.host_id, released)
+        except Exception as exc:
+            log.warning("host %s: goodbye failed: %s", self.host_id, exc)
+        finally:
+            await control.conn.close(timeout=2.0)
+
+
+async def _schema_version(s: AsyncpgSession) -> int | None:
+    try:
+        value = await s.fetchval("schema_version")
+    except BatchloopError:
+        return None
+    return int(value) if value is not None else None

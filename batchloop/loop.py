@@ -1,0 +1,246 @@
+"""One name's loop on its owning host: sleep, run one iteration transaction, decide, repeat.
+
+Each iteration is a single transaction on a pool connection:
+
+1. ``fence``: lock this name's ``worker_state`` row where the generation is still ours. No row
+   means a claim or a stop superseded us: leave without writing anything.
+2. Run the work query; on ``Work`` run the worker and record the batch (``record_batch``).
+3. On ``Idle`` past the cooldown: take the name's wake lock exclusively (``try_go_idle``: it
+   fails while any ping transaction is in flight, and then we simply poll again), re-run the
+   query with a fresh snapshot, and only if it still says idle, write idle or waiting.
+4. Commit. The worker's writes and the bookkeeping commit together or not at all.
+
+A failure rolls the iteration back, then records the failure in a transaction of its own and
+retries with backoff. The decisions themselves are pure functions in :mod:`batchloop.decide`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import traceback
+from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import asyncpg
+
+from . import decide
+from .decide import Decision, RunAgain, Sleep
+from .drivers.asyncpg import AsyncpgSession
+from .drivers.base import Row
+from .errors import Superseded
+from .models import Config, Debounce, Idle, Work
+from .registry import Registered, lookup
+from .status import parse_config
+
+log = logging.getLogger("batchloop")
+
+
+class CallableMissing(Exception):
+    """A row names a callable this process did not register."""
+
+
+@dataclass(slots=True)
+class Bound:
+    """The callables and config a loop runs with, at one ``workers.revision``."""
+
+    revision: int
+    query: Registered
+    worker: Registered
+    config: Config
+
+    @classmethod
+    def from_row(cls, row: Row) -> Bound:
+        query = lookup(row["work_query"], "work_query")
+        worker = lookup(row["worker"], "worker")
+        if query is None or worker is None:
+            missing = row["work_query"] if query is None else row["worker"]
+            raise CallableMissing(f"{missing} is not registered in this process")
+        return cls(row["revision"], query, worker, parse_config(row["config"]))
+
+
+@dataclass(slots=True)
+class LoopContext:
+    """What a loop needs from its host."""
+
+    pool: asyncpg.Pool
+    schema: str
+    release: Callable[[NameLoop], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class NameLoop:
+    ctx: LoopContext
+    name: str
+    generation: int
+    lock_key: int
+    bound: Bound
+    failures: int
+    first_delay: float
+    poke: anyio.Event = field(default_factory=anyio.Event)
+    stopping: bool = False
+    busy: bool = False
+    unrunnable: bool = False
+    batches: int = 0
+
+    def wake(self) -> None:
+        """Cut the current sleep short (a ping woke us, or the host is shutting down)."""
+        self.poke.set()
+
+    async def run(self) -> None:
+        """Run until superseded, idle, stopped or cancelled; then release the name."""
+        try:
+            delay = self.first_delay
+            while not self.stopping:
+                if delay > 0 and await self._sleep(delay):
+                    if self.stopping:
+                        break
+                    fresh = await self._rearm()
+                    if fresh is None:
+                        break
+                    delay = fresh
+                    continue
+                self.busy = True
+                try:
+                    decision = await self._iterate_or_fail()
+                finally:
+                    self.busy = False
+                if decision is None:
+                    break
+                if isinstance(decision, Sleep) and decision.timeout is None:
+                    break
+                delay = decision.delay if isinstance(decision, RunAgain) else decision.timeout or 0
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.ctx.release(self)
+
+    async def _sleep(self, delay: float) -> bool:
+        """Sleep; True if poked before the delay ran out."""
+        with anyio.move_on_after(delay):
+            await self.poke.wait()
+            self.poke = anyio.Event()
+            return True
+        return False
+
+    async def _rearm(self) -> float | None:
+        """After a poke: how long until we should run, per the database (None: give up)."""
+        async with self.ctx.pool.acquire() as conn:
+            row = await AsyncpgSession(conn, self.ctx.schema).fetchrow(
+                "run_in", self.name, self.generation
+            )
+        if row is None or row["status"] in ("idle", "stopped"):
+            return None
+        return float(row["run_in"])
+
+    async def _iterate_or_fail(self) -> Decision | None:
+        try:
+            return await self._iterate()
+        except Superseded:
+            log.info("loop %r generation %d superseded", self.name, self.generation)
+            return None
+        except CallableMissing as exc:
+            log.error("loop %r: %s; releasing it to a host that has it", self.name, exc)
+            self.unrunnable = True
+            return None
+        except Exception as exc:
+            return await self._failed(exc)
+
+    async def _iterate(self) -> Decision:
+        async with self.ctx.pool.acquire() as conn, conn.transaction():
+            s = AsyncpgSession(conn, self.ctx.schema)
+            fence = await s.fetchrow("fence", self.name, self.generation)
+            if fence is None:
+                raise Superseded(self.name)
+            if fence["revision"] != self.bound.revision:
+                loaded = await s.fetchrow("load_worker", self.name)
+                assert loaded is not None  # the fence row joined it
+                self.bound = Bound.from_row(loaded)
+            if fence["status"] == "waiting":
+                await s.fetchval("wake_from_timeout", self.name)
+            since_work = fence["since_work"]
+            timeout = self.bound.config.iteration_timeout
+            with anyio.fail_after(timeout) if timeout is not None else nullcontext():
+                decision = await self._run_callables(conn, s, 1e9 if since_work is None else since_work)
+        if isinstance(decision, RunAgain) and decision.reason in ("work", "debounce"):
+            self.failures = 0
+            self.batches += 1
+        return decision
+
+    async def _run_callables(self, conn: Any, s: AsyncpgSession, since_work: float) -> Decision:
+        result = await self._query(conn)
+        if isinstance(result, Work):
+            return await self._process(conn, s, result)
+        decision = decide.after_idle(result, since_work)
+        if isinstance(decision, RunAgain):
+            return decision
+        if not await s.fetchval("try_go_idle", self.name):
+            return RunAgain(result.poll_interval, "ping in flight")
+        confirm = await self._query(conn)
+        if isinstance(confirm, Work):
+            log.debug("loop %r: work arrived while going idle", self.name)
+            return await self._process(conn, s, confirm)
+        final = decide.after_confirm(False, confirm)
+        assert isinstance(final, Sleep)
+        if final.timeout is None:
+            await s.fetchval("go_idle", self.name, self.generation)
+        else:
+            await s.fetchval("go_waiting", self.name, self.generation, float(final.timeout))
+        log.debug("loop %r goes %s", self.name, final.state)
+        return final
+
+    async def _query(self, conn: Any) -> Work[Any] | Idle:
+        result = await self.bound.query.func(conn, self.name)
+        if not isinstance(result, Work | Idle):
+            raise TypeError(
+                f"work query {self.bound.query.ref} returned {type(result).__name__}; "
+                "return batchloop.Work(batch) or batchloop.Idle()"
+            )
+        return result
+
+    async def _process(self, conn: Any, s: AsyncpgSession, work: Work[Any]) -> RunAgain:
+        batch = work.batch
+        adapter = self.bound.worker.batch_adapter
+        if adapter is not None:
+            try:
+                batch = adapter.validate_python(batch)
+            except Exception as exc:
+                raise TypeError(
+                    f"batch from {self.bound.query.ref} does not match the `batch` annotation "
+                    f"of {self.bound.worker.ref}: {exc}"
+                ) from exc
+        ret = await self.bound.worker.func(conn, batch)
+        if ret is not None and not isinstance(ret, Debounce):
+            raise TypeError(
+                f"worker {self.bound.worker.ref} returned {type(ret).__name__}; "
+                "return None or batchloop.Debounce(seconds)"
+            )
+        decision = decide.after_work(ret)
+        await s.fetchval("record_batch", self.name, self.generation, float(decision.delay))
+        return decision
+
+    async def _failed(self, exc: Exception) -> Decision | None:
+        self.failures += 1
+        decision = decide.after_failure(self.failures, self.bound.config.monitor_lag, random.random())
+        log.error(
+            "loop %r failed (%d in a row), retrying in %.2fs",
+            self.name,
+            self.failures,
+            decision.delay,
+            exc_info=exc,
+        )
+        message = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        try:
+            async with self.ctx.pool.acquire() as conn:
+                count = await AsyncpgSession(conn, self.ctx.schema).fetchval(
+                    "record_failure", self.name, self.generation, message[:4000], decision.delay
+                )
+        except Exception as record_exc:
+            log.warning("loop %r: could not record the failure: %s", self.name, record_exc)
+            return decision
+        if count is None:
+            return None  # superseded meanwhile
+        self.failures = int(count)
+        return decision

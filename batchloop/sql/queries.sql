@@ -1,0 +1,141 @@
+-- Named queries. "{schema}" is replaced by the quoted schema name; parameters are $1, $2, ...
+-- (the psycopg driver rewrites them). Transitions with several steps live in plpgsql functions
+-- (migrations/), so each call here is one round trip.
+
+-- name: ping
+SELECT {schema}.ping($1, $2, $3, $4::jsonb, $5::jsonb, $6)
+
+-- name: stop
+SELECT {schema}.stop_worker($1, $2)
+
+-- name: start
+SELECT {schema}.start_worker($1, $2)
+
+-- name: check_version
+SELECT {schema}.check_version($1)
+
+-- name: schema_version
+SELECT {schema}.schema_version()
+
+-- name: status
+WITH held AS (
+    SELECT (classid::bigint << 32) | objid::bigint AS key
+      FROM pg_locks
+     WHERE locktype = 'advisory' AND objsubid = 1 AND granted
+       AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+)
+SELECT w.name, w.status, s.generation, w.work_query, w.worker, w.config::text AS config,
+       s.last_work_at, s.next_run_at, s.batches, s.consecutive_failures, s.last_error,
+       s.last_error_at, w.created_at, h.host_id, h.hostname, h.pid
+  FROM {schema}.workers w
+  JOIN {schema}.worker_state s USING (name)
+  LEFT JOIN {schema}.hosts h
+    ON h.host_id = s.owner_host AND w.lock_key IN (SELECT key FROM held)
+ WHERE ($1::text IS NULL OR w.name = $1)
+ ORDER BY w.name
+
+-- name: claim
+SELECT generation, status, revision, work_query, worker, config::text AS config,
+       consecutive_failures, run_in, since_work, lock_key
+  FROM {schema}.claim($1, $2)
+
+-- name: unlock
+SELECT pg_advisory_unlock($1)
+
+-- name: notify
+SELECT pg_notify({schema}.channel(), $1)
+
+-- name: register_host
+INSERT INTO {schema}.hosts (host_id, hostname, pid) VALUES ($1, $2, $3)
+ON CONFLICT (host_id) DO UPDATE SET heartbeat_at = now()
+
+-- name: heartbeat
+UPDATE {schema}.hosts SET heartbeat_at = now() WHERE host_id = $1 RETURNING host_id
+
+-- name: orphans
+-- One query per monitor tick for all names: running or due-waiting workers whose session lock
+-- nobody holds (claimable now), or whose owner's heartbeat is older than the name's monitor_lag
+-- (frozen or cut off: its backends must be terminated first).
+WITH held AS (
+    SELECT (classid::bigint << 32) | objid::bigint AS key
+      FROM pg_locks
+     WHERE locktype = 'advisory' AND objsubid = 1 AND granted
+       AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+)
+SELECT w.name, w.work_query, w.worker,
+       CASE WHEN w.lock_key IN (SELECT key FROM held) THEN s.owner_host END AS stale_owner
+  FROM {schema}.workers w
+  JOIN {schema}.worker_state s USING (name)
+  LEFT JOIN {schema}.hosts h ON h.host_id = s.owner_host
+ WHERE (w.status = 'running' OR (w.status = 'waiting' AND s.next_run_at <= now()))
+   AND (w.lock_key NOT IN (SELECT key FROM held)
+        OR h.heartbeat_at < now() - make_interval(secs => (w.config->>'monitor_lag')::float8))
+ LIMIT $1
+
+-- name: terminate_host
+-- A frozen or cut-off host: end its backends so its session locks and open transactions go.
+-- Needs the same role or pg_signal_backend.
+SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))
+  FROM pg_stat_activity
+ WHERE application_name = $1 AND pid <> pg_backend_pid()
+
+-- name: forget_host
+DELETE FROM {schema}.hosts WHERE host_id = $1
+
+-- name: fence
+-- First statement of every iteration: locks this name's state row for the transaction, so a
+-- claim or stop (which bump the generation) waits for us, and we see theirs if they came first.
+SELECT w.status, w.revision, extract(epoch FROM now() - s.last_work_at)::float8 AS since_work
+  FROM {schema}.worker_state s JOIN {schema}.workers w USING (name)
+ WHERE s.name = $1 AND s.generation = $2
+   FOR UPDATE OF s
+
+-- name: load_worker
+SELECT work_query, worker, config::text AS config, revision FROM {schema}.workers WHERE name = $1
+
+-- name: wake_from_timeout
+UPDATE {schema}.workers SET status = 'running', updated_at = now()
+ WHERE name = $1 AND status = 'waiting'
+
+-- name: record_batch
+UPDATE {schema}.worker_state
+   SET batches = batches + 1, last_work_at = now(), consecutive_failures = 0,
+       next_run_at = now() + make_interval(secs => $3)
+ WHERE name = $1 AND generation = $2
+
+-- name: record_failure
+UPDATE {schema}.worker_state
+   SET consecutive_failures = consecutive_failures + 1, last_error = $3, last_error_at = now(),
+       next_run_at = now() + make_interval(secs => $4)
+ WHERE name = $1 AND generation = $2
+RETURNING consecutive_failures
+
+-- name: try_go_idle
+-- Exclusive against every in-flight ping of this name; false means a ping is in flight: keep going.
+SELECT pg_try_advisory_xact_lock(wake_key) FROM {schema}.workers WHERE name = $1
+
+-- name: go_idle
+WITH st AS (
+    UPDATE {schema}.worker_state SET next_run_at = NULL, owner_host = NULL
+     WHERE name = $1 AND generation = $2
+    RETURNING name
+)
+UPDATE {schema}.workers w SET status = 'idle', updated_at = now()
+  FROM st WHERE w.name = st.name AND w.status = 'running'
+
+-- name: go_waiting
+WITH st AS (
+    UPDATE {schema}.worker_state SET next_run_at = now() + make_interval(secs => $3)
+     WHERE name = $1 AND generation = $2
+    RETURNING name
+)
+UPDATE {schema}.workers w SET status = 'waiting', updated_at = now()
+  FROM st WHERE w.name = st.name AND w.status = 'running'
+
+-- name: run_in
+SELECT w.status, greatest(0, coalesce(extract(epoch FROM s.next_run_at - now()), 0))::float8 AS run_in
+  FROM {schema}.worker_state s JOIN {schema}.workers w USING (name)
+ WHERE s.name = $1 AND s.generation = $2
+
+-- name: applied_migrations
+SELECT version FROM {schema}.schema_migrations ORDER BY version

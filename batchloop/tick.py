@@ -1,0 +1,1 @@
+async def tick(*a, **k): raise NotImplementedError

@@ -1,0 +1,219 @@
+-- batchloop schema, version 1.
+-- Runs with search_path set to the target schema; functions pin it with SET search_path FROM CURRENT.
+-- Lock order everywhere: worker_state row before workers row (avoids deadlocks between
+-- ping, the loop, stop/start and claims).
+
+-- Rarely written: one row per name (callables, config, run status).
+CREATE TABLE workers (
+    name        text PRIMARY KEY CHECK (char_length(name) BETWEEN 1 AND 200),
+    lock_key    bigint NOT NULL,   -- session advisory lock held by the owning host's control connection
+    wake_key    bigint NOT NULL,   -- transaction advisory lock: ping (shared) vs go-idle (exclusive)
+    work_query  text NOT NULL,     -- "module:qualname", resolved only through the in-process registry
+    worker      text NOT NULL,
+    config      jsonb NOT NULL,
+    status      text NOT NULL CHECK (status IN ('idle', 'waiting', 'running', 'stopped')),
+    revision    bigint NOT NULL DEFAULT 1,  -- bumped when callables or config change
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- High churn: written by every committed iteration. Low fillfactor keeps updates HOT.
+CREATE TABLE worker_state (
+    name                  text PRIMARY KEY REFERENCES workers (name) ON DELETE CASCADE,
+    generation            bigint NOT NULL DEFAULT 0,
+    owner_host            text,
+    next_run_at           timestamptz,
+    last_work_at          timestamptz,
+    batches               bigint NOT NULL DEFAULT 0,
+    consecutive_failures  integer NOT NULL DEFAULT 0,
+    last_error            text,
+    last_error_at         timestamptz
+) WITH (fillfactor = 50);
+
+-- One row per live Host process; heartbeat_at is refreshed about once a second.
+CREATE TABLE hosts (
+    host_id       text PRIMARY KEY,
+    hostname      text NOT NULL,
+    pid           integer NOT NULL,
+    started_at    timestamptz NOT NULL DEFAULT now(),
+    heartbeat_at  timestamptz NOT NULL DEFAULT now()
+) WITH (fillfactor = 50);
+
+CREATE FUNCTION lock_key(p_kind text, p_name text) RETURNS bigint
+LANGUAGE sql STABLE SET search_path FROM CURRENT AS $$
+    SELECT ('x' || left(md5(p_kind || ':' || current_schema() || ':' || p_name), 16))::bit(64)::bigint
+$$;
+
+CREATE FUNCTION channel() RETURNS text
+LANGUAGE sql STABLE SET search_path FROM CURRENT AS $$
+    SELECT 'batchloop:' || current_schema()
+$$;
+
+-- Raises when the calling code is older than the schema.
+CREATE FUNCTION check_version(p_code_version integer) RETURNS void
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE v integer := schema_version();  -- an IMMUTABLE constant the migration runner rewrites
+BEGIN
+    IF v > p_code_version THEN
+        RAISE EXCEPTION 'batchloop schema "%" is at version %, newer than this code (version %): upgrade batchloop',
+            current_schema(), v, p_code_version USING ERRCODE = 'BLNEW';
+    END IF;
+END $$;
+
+-- ping: called in the inserting transaction. See batchloop/protocol.py for why it cannot lose a wakeup.
+CREATE FUNCTION ping(p_name text, p_work_query text, p_worker text, p_config jsonb,
+                     p_default_config jsonb, p_code_version integer) RETURNS text
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    read_committed boolean := current_setting('transaction_isolation') = 'read committed';
+    w workers%ROWTYPE;
+    changed boolean;
+    cfg jsonb;
+    deadline timestamptz;
+BEGIN
+    PERFORM check_version(p_code_version);
+    -- Excludes a concurrent go-idle step until this transaction ends. Each statement below takes a
+    -- fresh snapshot (volatile function, READ COMMITTED), so it sees a go-idle that committed
+    -- while we waited for this lock.
+    PERFORM pg_advisory_xact_lock_shared(lock_key('wake', p_name));
+    IF read_committed THEN
+        SELECT * INTO w FROM workers WHERE name = p_name;
+    ELSE
+        -- The transaction snapshot may predate a go-idle; locking the row makes PostgreSQL raise a
+        -- serialization failure (40001) instead of letting us trust a stale status.
+        SELECT * INTO w FROM workers WHERE name = p_name FOR SHARE;
+    END IF;
+
+    IF NOT FOUND THEN
+        cfg := coalesce(p_config, p_default_config);
+        INSERT INTO workers (name, lock_key, wake_key, work_query, worker, config, status)
+        VALUES (p_name, lock_key('own', p_name), lock_key('wake', p_name), p_work_query, p_worker, cfg, 'running')
+        ON CONFLICT (name) DO NOTHING;
+        IF FOUND THEN
+            INSERT INTO worker_state (name, next_run_at, last_work_at)
+            VALUES (p_name, now() + make_interval(secs => (cfg->>'debounce')::float8), now());
+            PERFORM pg_notify(channel(), 'w:' || lock_key('own', p_name) || ':' || p_name);
+            RETURN 'created';
+        END IF;
+        -- Lost a creation race to a transaction that has committed since: read its row.
+        IF read_committed THEN
+            SELECT * INTO w FROM workers WHERE name = p_name;
+        ELSE
+            SELECT * INTO w FROM workers WHERE name = p_name FOR SHARE;
+        END IF;
+    END IF;
+
+    changed := w.work_query <> p_work_query OR w.worker <> p_worker
+               OR (p_config IS NOT NULL AND w.config <> p_config);
+    cfg := coalesce(p_config, w.config);
+
+    IF w.status = 'waiting' THEN
+        SELECT next_run_at INTO deadline FROM worker_state WHERE name = p_name;
+    END IF;
+
+    IF w.status = 'idle' OR (w.status = 'waiting' AND (deadline IS NULL OR deadline > now() + interval '1 second')) THEN
+        PERFORM 1 FROM worker_state WHERE name = p_name FOR UPDATE;
+        UPDATE workers SET status = 'running', updated_at = now(),
+               work_query = p_work_query, worker = p_worker, config = cfg,
+               revision = revision + CASE WHEN changed THEN 1 ELSE 0 END
+         WHERE name = p_name AND status IN ('idle', 'waiting');
+        IF FOUND THEN
+            UPDATE worker_state
+               SET next_run_at = now() + make_interval(secs => (cfg->>'debounce')::float8),
+                   last_work_at = now()
+             WHERE name = p_name;
+            PERFORM pg_notify(channel(), 'w:' || w.lock_key || ':' || p_name);
+            RETURN 'woken';
+        END IF;
+        -- Someone else woke or stopped it meanwhile; fall through to the plain update.
+    END IF;
+
+    IF changed THEN
+        UPDATE workers SET work_query = p_work_query, worker = p_worker, config = cfg,
+               revision = revision + 1, updated_at = now()
+         WHERE name = p_name;
+        RETURN 'updated';
+    END IF;
+    RETURN 'unchanged';
+END $$;
+
+-- stop: fences any in-flight loop (generation bump waits for its iteration's row lock).
+CREATE FUNCTION stop_worker(p_name text, p_code_version integer) RETURNS text
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE k bigint;
+BEGIN
+    PERFORM check_version(p_code_version);
+    UPDATE worker_state SET generation = generation + 1, owner_host = NULL, next_run_at = NULL
+     WHERE name = p_name;
+    IF NOT FOUND THEN
+        RETURN 'missing';
+    END IF;
+    UPDATE workers SET status = 'stopped', updated_at = now()
+     WHERE name = p_name AND status <> 'stopped'
+    RETURNING lock_key INTO k;
+    IF NOT FOUND THEN
+        RETURN 'unchanged';
+    END IF;
+    PERFORM pg_notify(channel(), 's:' || k || ':' || p_name);
+    RETURN 'stopped';
+END $$;
+
+CREATE FUNCTION start_worker(p_name text, p_code_version integer) RETURNS text
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE w workers%ROWTYPE;
+BEGIN
+    PERFORM check_version(p_code_version);
+    PERFORM 1 FROM worker_state WHERE name = p_name FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 'missing';
+    END IF;
+    UPDATE workers SET status = 'running', updated_at = now()
+     WHERE name = p_name AND status = 'stopped'
+    RETURNING * INTO w;
+    IF NOT FOUND THEN
+        RETURN 'unchanged';
+    END IF;
+    UPDATE worker_state
+       SET next_run_at = now() + make_interval(secs => (w.config->>'debounce')::float8),
+           last_work_at = now(), consecutive_failures = 0
+     WHERE name = p_name;
+    PERFORM pg_notify(channel(), 'w:' || w.lock_key || ':' || p_name);
+    RETURN 'started';
+END $$;
+
+-- claim: run on a host's control connection. Takes the name's session lock, then bumps the
+-- generation. Never blocks: a row still locked by a previous owner's iteration means "later".
+CREATE FUNCTION claim(p_name text, p_host text)
+RETURNS TABLE (generation bigint, status text, revision bigint, work_query text, worker text,
+               config jsonb, consecutive_failures integer, run_in float8, since_work float8,
+               lock_key bigint)
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    k bigint;
+    g bigint;
+BEGIN
+    SELECT w.lock_key INTO k FROM workers w WHERE w.name = p_name AND w.status IN ('running', 'waiting');
+    IF NOT FOUND OR NOT pg_try_advisory_lock(k) THEN
+        RETURN;
+    END IF;
+    SELECT s.generation INTO g FROM worker_state s
+     WHERE s.name = p_name
+       AND EXISTS (SELECT 1 FROM workers w WHERE w.name = p_name AND w.status IN ('running', 'waiting'))
+       FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        PERFORM pg_advisory_unlock(k);
+        RETURN;
+    END IF;
+    UPDATE workers w SET status = 'running', updated_at = now()
+     WHERE w.name = p_name AND w.status = 'waiting'
+       AND (SELECT s.next_run_at <= now() FROM worker_state s WHERE s.name = p_name);
+    UPDATE worker_state s SET generation = s.generation + 1, owner_host = p_host WHERE s.name = p_name;
+    RETURN QUERY
+        SELECT s.generation, w.status, w.revision, w.work_query, w.worker, w.config,
+               s.consecutive_failures,
+               greatest(0, coalesce(extract(epoch FROM s.next_run_at - now()), 0))::float8,
+               coalesce(extract(epoch FROM now() - s.last_work_at), 1e9)::float8,
+               w.lock_key
+          FROM worker_state s JOIN workers w USING (name)
+         WHERE s.name = p_name;
+END $$;
