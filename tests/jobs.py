@@ -1,0 +1,111 @@
+"""Registered callables shared by the integration tests.
+
+They work on the test database's own tables (created by ``create_tables``): ``items`` holds
+work, ``done`` records every committed processing of an item with the loop's generation and
+database timestamps. Per-name knobs (batch size, idle result, injected failures, a gate to
+hold a batch open) live in ``KNOBS``, which only this process reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import batchloop as bl
+
+TABLES = """
+CREATE TABLE items (id bigserial PRIMARY KEY, name text NOT NULL, value int NOT NULL DEFAULT 0);
+CREATE INDEX ON items (name, id);
+CREATE TABLE done (
+    item_id bigint NOT NULL, name text NOT NULL, generation bigint NOT NULL, pid int NOT NULL,
+    started timestamptz NOT NULL, finished timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE TABLE calls (name text NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp());
+"""
+
+
+@dataclass
+class Knobs:
+    limit: int = 100
+    idle: bl.Idle = field(default_factory=lambda: bl.Idle(cooldown=0.3, poll_interval=0.05))
+    fail_times: int = 0
+    """Raise in the worker this many times (after writing, so rollback is observable)."""
+    gate: asyncio.Event | None = None
+    """If set, the worker waits for it mid-batch (holding the iteration open)."""
+    entered: asyncio.Event = field(default_factory=asyncio.Event)
+    debounce: float | None = None
+    sleep: float = 0.0
+
+
+KNOBS: dict[str, Knobs] = {}
+
+
+def knobs(name: str) -> Knobs:
+    return KNOBS.setdefault(name, Knobs())
+
+
+async def create_tables(conn: Any) -> None:
+    await conn.execute(TABLES)
+
+
+@bl.work_query
+async def next_items(conn: Any, name: str) -> bl.Work[list[int]] | bl.Idle:
+    await conn.execute("INSERT INTO calls (name) VALUES ($1)", name)
+    k = knobs(name)
+    rows = await conn.fetch(
+        "SELECT id FROM items WHERE name = $1 ORDER BY id LIMIT $2", name, k.limit
+    )
+    if not rows:
+        return k.idle
+    return bl.Work([r["id"] for r in rows])
+
+
+@bl.worker
+async def process_items(conn: Any, batch: list[int]) -> bl.Debounce | None:
+    name = await conn.fetchval("SELECT name FROM items WHERE id = $1", batch[0])
+    k = knobs(name)
+    started = await conn.fetchval("SELECT clock_timestamp()")
+    gen, pid = await conn.fetchrow(
+        "SELECT generation, pg_backend_pid() FROM batchloop.worker_state WHERE name = $1", name
+    )
+    await conn.execute(
+        "INSERT INTO done (item_id, name, generation, pid, started) "
+        "SELECT unnest($1::bigint[]), $2, $3, $4, $5",
+        batch, name, gen, pid, started,
+    )
+    await conn.execute("DELETE FROM items WHERE id = ANY($1)", batch)
+    k.entered.set()
+    if k.gate is not None:
+        await k.gate.wait()
+    if k.sleep:
+        await asyncio.sleep(k.sleep)
+    if k.fail_times > 0:
+        k.fail_times -= 1
+        raise RuntimeError(f"injected failure for {name}")
+    return bl.Debounce(k.debounce) if k.debounce is not None else None
+
+
+@bl.worker
+async def typed_worker(conn: Any, batch: list[int]) -> None:
+    await conn.execute("DELETE FROM items WHERE id = ANY($1)", batch)
+
+
+@bl.work_query
+async def bad_batch_query(conn: Any, name: str) -> bl.Work[Any] | bl.Idle:
+    return bl.Work(["not", "ints"])
+
+
+async def insert_and_ping(
+    conn: Any, name: str, count: int = 1, *, config: bl.Config | None = None
+) -> str:
+    async with conn.transaction():
+        await conn.execute(
+            "INSERT INTO items (name, value) SELECT $1, g FROM generate_series(1, $2) g",
+            name, count,
+        )
+        return await bl.ping(conn, name, next_items, process_items, config=config)
+
+
+def undecorated(conn: Any, name: str) -> None:
+    """Not registered: ping must refuse it."""
