@@ -60,7 +60,7 @@ async def stop(conn: Any, name: str, *, schema: str = DEFAULT_SCHEMA) -> bool:
     """
     check_name(name)
     async with session_for(conn, check_schema(schema)) as s:
-        return await s.fetchval("stop", name, code_version()) != "missing"
+        return bool(await s.fetchval("stop", name, code_version()) != "missing")
 
 
 async def start(conn: Any, name: str, *, schema: str = DEFAULT_SCHEMA) -> bool:
@@ -70,7 +70,7 @@ async def start(conn: Any, name: str, *, schema: str = DEFAULT_SCHEMA) -> bool:
     """
     check_name(name)
     async with session_for(conn, check_schema(schema)) as s:
-        return await s.fetchval("start", name, code_version()) != "missing"
+        return bool(await s.fetchval("start", name, code_version()) != "missing")
 
 
 async def status(conn: Any, name: str, *, schema: str = DEFAULT_SCHEMA) -> WorkerStatus | None:

@@ -48,7 +48,7 @@ def retrying(timeout: float | None) -> AsyncRetrying:
     """Retry transient connection failures with jittered exponential backoff, up to 5 s apart."""
     return AsyncRetrying(
         retry=retry_if_exception_type(TRANSIENT),
-        wait=wait_exponential_jitter(initial=0.2, max=5.0),
+        wait=wait_exponential_jitter(multiplier=0.2, max=5.0),
         stop=stop_after_delay(timeout) if timeout is not None else stop_never,
         before_sleep=before_sleep_log(log, logging.WARNING),
         reraise=True,
@@ -62,7 +62,7 @@ async def connect(dsn: str | None, *, timeout: float | None, **kwargs: Any) -> a
             with attempt:
                 conn: asyncpg.Connection = await asyncpg.connect(dsn, **kwargs)
                 return conn
-    except (asyncpg.PostgresError, ValueError, *TRANSIENT) as exc:
+    except (asyncpg.PostgresError, ValueError, *TRANSIENT) as exc:  # type: ignore[misc]
         raise _clear(exc, dsn) from exc
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -77,6 +77,6 @@ async def create_pool(
                     dsn, min_size=min_size, max_size=max_size, **kwargs
                 )
                 return pool
-    except (asyncpg.PostgresError, ValueError, *TRANSIENT) as exc:
+    except (asyncpg.PostgresError, ValueError, *TRANSIENT) as exc:  # type: ignore[misc]
         raise _clear(exc, dsn) from exc
     raise AssertionError("unreachable")  # pragma: no cover

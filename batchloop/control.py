@@ -31,12 +31,12 @@ class Control:
     async def fetch(self, name: str, *args: Any) -> Sequence[Row]:
         async with self._lock:
             try:
-                rows: Sequence[Row] = await self.conn.fetch(
+                rows = await self.conn.fetch(
                     sql.query(name, self.schema), *args, timeout=STATEMENT_TIMEOUT
                 )
             except asyncpg.PostgresError as exc:
                 raise (translate(exc, self.schema) or exc) from exc
-            return rows
+            return rows  # type: ignore[return-value]  # Record is a read-only Mapping
 
     async def fetchrow(self, name: str, *args: Any) -> Row | None:
         rows = await self.fetch(name, *args)
@@ -47,8 +47,8 @@ class Control:
         return next(iter(row.values())) if row else None
 
     async def listen(self, callback: Callable[[str], None]) -> None:
-        def on_notify(_c: object, _pid: int, _channel: str, payload: str) -> None:
-            callback(payload)
+        def on_notify(_c: object, _pid: int, _channel: str, payload: object) -> None:
+            callback(str(payload))
 
         async with self._lock:
             await self.conn.add_listener(channel(self.schema), on_notify)

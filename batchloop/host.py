@@ -7,8 +7,11 @@ the whole protocol.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
+import sys
 import socket
 import uuid
 from collections.abc import Iterable
@@ -29,6 +32,9 @@ from .registry import import_modules, lookup
 from .schema_name import DEFAULT_SCHEMA, check_schema
 
 log = logging.getLogger("batchloop")
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
 
 
 class Host:
@@ -76,6 +82,7 @@ class Host:
         self._connect_kwargs = dict(connect_kwargs or {})
         self._pool: asyncpg.Pool | None = None
         self._tg: TaskGroup | None = None
+        self._runner: asyncio.Task[None] | None = None
         self._session_tg: TaskGroup | None = None
         self._control: Control | None = None
         self._loops: dict[str, NameLoop] = {}
@@ -112,14 +119,17 @@ class Host:
             async with self._pool.acquire() as conn:
                 found = await _schema_version(AsyncpgSession(conn, self.schema))
             check_version(found, self.schema)
-            self._tg = anyio.create_task_group()
-            await self._tg.__aenter__()
-            await self._tg.start(self._supervise)
+            # The host's tasks live in a task of their own, so hosts can be entered and exited
+            # in any order and a host failure never cancels the caller's code.
+            ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._runner = asyncio.create_task(self._run(ready), name=f"batchloop-host-{self.host_id}")
+            await ready
         except BaseException:
-            if self._tg is not None:
-                self._tg.cancel_scope.cancel()
-                await self._tg.__aexit__(None, None, None)
-                self._tg = None
+            if self._runner is not None:
+                self._runner.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._runner
+                self._runner = None
             await self._pool.close()
             self._pool = None
             raise
@@ -132,27 +142,40 @@ class Host:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        assert self._tg is not None and self._pool is not None
+        assert self._runner is not None and self._pool is not None
         self._closing = True
-        if exc_type is not None and not issubclass(exc_type, anyio.get_cancelled_exc_class()):
-            # The body's own error: let it propagate as itself, not inside an ExceptionGroup.
-            exc_type = exc = tb = None
         try:
-            released = [f"r:{loop.lock_key}:{loop.name}" for loop in self._loops.values()]
             with anyio.CancelScope(shield=True):
+                released = [f"r:{loop.lock_key}:{loop.name}" for loop in self._loops.values()]
                 await self._drain_loops()
-            self._tg.cancel_scope.cancel()
-            # The task group's scope must be exited directly, not from inside another scope.
-            await self._tg.__aexit__(exc_type, exc, tb)
-            with anyio.CancelScope(shield=True):
+                if self._tg is not None:
+                    self._tg.cancel_scope.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._runner
                 await self._say_goodbye(released)
         finally:
-            self._tg = None
+            self._runner = None
             with anyio.CancelScope(shield=True):
                 await self._pool.close()
             self._pool = None
             log.info("host %s stopped", self.host_id)
         return None
+
+    async def _run(self, ready: asyncio.Future[None]) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                await tg.start(self._supervise)
+                ready.set_result(None)
+        except BaseException as exc:
+            while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+                exc = exc.exceptions[0]
+            if not ready.done():
+                ready.set_exception(exc)
+            elif not isinstance(exc, asyncio.CancelledError):
+                log.critical("host %s crashed", self.host_id, exc_info=exc)
+        finally:
+            self._tg = None
 
     # ------------------------------------------------------------------ supervision
 

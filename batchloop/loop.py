@@ -20,12 +20,11 @@ import logging
 import random
 import traceback
 from collections.abc import Awaitable, Callable
-from contextlib import nullcontext
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
-import asyncpg
 
 from . import decide
 from .decide import Decision, RunAgain, Sleep
@@ -62,11 +61,17 @@ class Bound:
         return cls(row["revision"], query, worker, parse_config(row["config"]))
 
 
+class ConnectionSource(Protocol):
+    """An asyncpg Pool, or anything else that lends connections the same way."""
+
+    def acquire(self) -> AbstractAsyncContextManager[Any]: ...
+
+
 @dataclass(slots=True)
 class LoopContext:
     """What a loop needs from its host."""
 
-    pool: asyncpg.Pool
+    pool: ConnectionSource
     schema: str
     release: Callable[[NameLoop], Awaitable[None]]
 
@@ -84,7 +89,12 @@ class NameLoop:
     stopping: bool = False
     busy: bool = False
     unrunnable: bool = False
+    once: bool = False
+    """A tick's drain pass: no cooldown polling, stop at the first failure or sleep."""
+    outcome: str = "cancelled"
+    """Why run() returned: idle, waiting, superseded, failed, stopped, unrunnable, cancelled."""
     batches: int = 0
+    last_error: str | None = None
 
     def wake(self) -> None:
         """Cut the current sleep short (a ping woke us, or the host is shutting down)."""
@@ -100,6 +110,7 @@ class NameLoop:
                         break
                     fresh = await self._rearm()
                     if fresh is None:
+                        self.outcome = "stopped"
                         break
                     delay = fresh
                     continue
@@ -110,9 +121,15 @@ class NameLoop:
                     self.busy = False
                 if decision is None:
                     break
-                if isinstance(decision, Sleep) and decision.timeout is None:
-                    break
-                delay = decision.delay if isinstance(decision, RunAgain) else decision.timeout or 0
+                if isinstance(decision, Sleep):
+                    self.outcome = decision.state
+                    if decision.timeout is None or self.once:
+                        break
+                    delay = decision.timeout
+                else:
+                    delay = decision.delay
+            else:
+                self.outcome = "stopped"
         finally:
             with anyio.CancelScope(shield=True):
                 await self.ctx.release(self)
@@ -140,13 +157,19 @@ class NameLoop:
             return await self._iterate()
         except Superseded:
             log.info("loop %r generation %d superseded", self.name, self.generation)
+            self.outcome = "superseded"
             return None
         except CallableMissing as exc:
             log.error("loop %r: %s; releasing it to a host that has it", self.name, exc)
             self.unrunnable = True
+            self.outcome = "unrunnable"
             return None
         except Exception as exc:
-            return await self._failed(exc)
+            decision = await self._failed(exc)
+            if self.once:
+                self.outcome = "failed"
+                return None
+            return decision
 
     async def _iterate(self) -> Decision:
         async with self.ctx.pool.acquire() as conn, conn.transaction():
@@ -160,7 +183,7 @@ class NameLoop:
                 self.bound = Bound.from_row(loaded)
             if fence["status"] == "waiting":
                 await s.fetchval("wake_from_timeout", self.name)
-            since_work = fence["since_work"]
+            since_work = None if self.once else fence["since_work"]
             timeout = self.bound.config.iteration_timeout
             with anyio.fail_after(timeout) if timeout is not None else nullcontext():
                 decision = await self._run_callables(conn, s, 1e9 if since_work is None else since_work)
@@ -232,6 +255,7 @@ class NameLoop:
             exc_info=exc,
         )
         message = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        self.last_error = message
         try:
             async with self.ctx.pool.acquire() as conn:
                 count = await AsyncpgSession(conn, self.ctx.schema).fetchval(

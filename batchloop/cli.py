@@ -1,0 +1,439 @@
+"""The ``batchloop`` command: migrate, print the schema SQL, inspect, stop/start, run a host, tick.
+
+This is a user-facing program, so unlike the library it prints to stdout, installs signal
+handlers (``run``) and configures logging. Exit codes: 0 success, 1 error (one line on stderr,
+no traceback), 2 usage error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import psycopg
+from pydantic import TypeAdapter
+
+from . import sync
+from .errors import BatchloopError
+from .migrate import Query, Script, code_version, plan
+from .models import WorkerStatus
+from .schema_name import DEFAULT_SCHEMA, check_schema
+
+PROG = "batchloop"
+_STATUSES = TypeAdapter(list[WorkerStatus])
+
+# Errors that mean "the command could not do its job" rather than "batchloop has a bug":
+# reported as one line on stderr with exit code 1. (pydantic.ValidationError is a ValueError.)
+_EXPECTED: tuple[type[BaseException], ...] = (
+    BatchloopError,
+    ValueError,
+    ImportError,
+    psycopg.Error,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
+
+
+class CommandError(Exception):
+    """A command failed for a reason the user can act on; the message says which."""
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def resolve_dsn(given: str | None) -> str | None:
+    """``--dsn``, else ``BATCHLOOP_DSN``, else ``DATABASE_URL``, else None (libpq ``PG*``)."""
+    for value in (given, os.environ.get("BATCHLOOP_DSN"), os.environ.get("DATABASE_URL")):
+        if value:
+            return value
+    return None
+
+
+def schema_sql(schema: str = DEFAULT_SCHEMA) -> str:
+    """The schema as one script, wrapped as ``migrate`` applies it to an empty database."""
+    check_schema(schema)
+    steps = plan(schema)
+    parts = [
+        f"-- batchloop schema {schema!r}, version {code_version()}, for a database without it.",
+        "-- `batchloop migrate` applies the same steps, skipping versions already applied.",
+        "BEGIN;",
+    ]
+    reply: list[Any] | None = None
+    try:
+        while True:
+            step = steps.send(reply)
+            if isinstance(step, Script):
+                parts.append(step.sql.strip())
+                reply = None
+            else:
+                assert isinstance(step, Query)
+                reply = []  # nothing applied yet
+    except StopIteration:
+        pass
+    parts.append("COMMIT;")
+    return "\n\n".join(parts) + "\n"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _ago(when: datetime | None) -> str:
+    if when is None:
+        return "-"
+    return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_status_table(statuses: Sequence[WorkerStatus]) -> str:
+    """A fixed-width table of workers (the default ``status`` output)."""
+    header = ("NAME", "STATE", "GEN", "OWNER", "BATCHES", "FAILS", "LAST ERROR", "NEXT RUN")
+    rows = [header]
+    for s in statuses:
+        owner = f"{s.owner.hostname}:{s.owner.pid}" if s.owner is not None else "-"
+        error = _clip(" ".join(s.last_error.split()), 40) if s.last_error else "-"
+        rows.append(
+            (
+                _clip(s.name, 40),
+                s.state,
+                str(s.generation),
+                _clip(owner, 30),
+                str(s.batches),
+                str(s.consecutive_failures),
+                error,
+                _ago(s.next_run_at),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    right = {2, 4, 5}
+    lines = []
+    for row in rows:
+        cells = [
+            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+            for i, cell in enumerate(row)
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _import_user_modules(modules: Sequence[str]) -> None:
+    """Import MODULEs the way ``python -m`` would find them: the current directory first."""
+    import importlib
+
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise CommandError(f"cannot import module {module!r}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------- commands
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    done = sync.migrate(args.dsn, schema=args.schema)
+    if done:
+        print(f"schema {args.schema!r}: applied migration(s) {', '.join(map(str, done))}")
+    else:
+        print(f"schema {args.schema!r} is up to date (version {code_version()})")
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    sys.stdout.write(schema_sql(args.schema))
+    return 0
+
+
+def _read_statuses(conn: psycopg.Connection[Any], args: argparse.Namespace) -> list[WorkerStatus]:
+    if args.name is None:
+        return sync.list_workers(conn, schema=args.schema)
+    found = sync.status(conn, args.name, schema=args.schema)
+    if found is None:
+        raise CommandError(f"no worker named {args.name!r} in schema {args.schema!r}")
+    return [found]
+
+
+def _render(statuses: list[WorkerStatus], args: argparse.Namespace) -> str:
+    if args.json:
+        if args.name is not None:
+            return statuses[0].model_dump_json(indent=2)
+        return _STATUSES.dump_json(statuses, indent=2).decode()
+    if not statuses:
+        return f"no workers in schema {args.schema!r}"
+    return format_status_table(statuses)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with sync.connect(args.dsn, autocommit=True) as conn:
+        if args.watch is None:
+            print(_render(_read_statuses(conn, args), args))
+            return 0
+        clear = sys.stdout.isatty() and not args.json
+        try:
+            while True:
+                text = _render(_read_statuses(conn, args), args)
+                if clear:
+                    sys.stdout.write("\x1b[H\x1b[2J")
+                stamp = datetime.now().astimezone().strftime("%H:%M:%S")
+                if not args.json:
+                    print(f"batchloop status, schema {args.schema!r}, {stamp} (Ctrl-C to quit)\n")
+                print(text, flush=True)
+                time.sleep(args.watch)
+        except KeyboardInterrupt:
+            return 0
+
+
+def _stop_or_start(args: argparse.Namespace, action: Callable[..., bool], verb: str) -> int:
+    with sync.connect(args.dsn, autocommit=True) as conn:
+        if not action(conn, args.name, schema=args.schema):
+            raise CommandError(f"no worker named {args.name!r} in schema {args.schema!r}")
+        now = sync.status(conn, args.name, schema=args.schema)
+    state = now.state if now is not None else "?"
+    print(f"{verb} {args.name!r} (state: {state})")
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    return _stop_or_start(args, sync.stop, "stopped")
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    return _stop_or_start(args, sync.start, "started")
+
+
+async def _run_host(dsn: str | None, schema: str, modules: list[str]) -> None:
+    from .host import Host
+
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, done.set)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - not on this platform
+            pass
+    try:
+        async with Host(dsn, modules=modules, schema=schema) as host:
+            print(
+                f"batchloop host {host.host_id} (pid {host.pid}) running {', '.join(modules)} "
+                f"in schema {schema!r}; Ctrl-C or SIGTERM to stop",
+                flush=True,
+            )
+            await done.wait()
+            print("stopping: letting in-flight batches finish...", flush=True)
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+    print("stopped", flush=True)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _import_user_modules(args.modules)
+    asyncio.run(_run_host(args.dsn, args.schema, list(args.modules)))
+    return 0
+
+
+def cmd_tick(args: argparse.Namespace) -> int:
+    from .tick import tick
+
+    _import_user_modules(args.modules)
+    names = list(args.names) if args.names else None
+    report = asyncio.run(tick(args.dsn, names, budget=args.budget, schema=args.schema))
+    print(report.model_dump_json(indent=2))
+    return 1 if report.failed else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    return demo.run(
+        args.dsn,
+        schema=args.schema,
+        events=args.events,
+        producers=args.producers,
+        batch=args.batch,
+        chunk=args.chunk,
+    )
+
+
+# ---------------------------------------------------------------------------------- parser
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """The same options on the main parser and, defaulting to "not given", on each subcommand,
+    so that both ``batchloop --dsn X status`` and ``batchloop status --dsn X`` work."""
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument(
+        "--dsn",
+        default=default(None),
+        help="PostgreSQL DSN (default: $BATCHLOOP_DSN, else $DATABASE_URL, else the libpq PG* "
+        "variables)",
+    )
+    parser.add_argument(
+        "--schema",
+        default=default(DEFAULT_SCHEMA),
+        help=f"schema of batchloop's tables (default: {DEFAULT_SCHEMA})",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=default(0),
+        help="log more (-v: info, -vv: debug)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="One loop per named queue, cluster-wide, over PostgreSQL.",
+    )
+    _global_options(parser, suppress=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, suppress=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Callable[[argparse.Namespace], int], help: str) -> Any:
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p.set_defaults(handler=handler)
+        return p
+
+    add("migrate", cmd_migrate, "create or upgrade the batchloop schema (idempotent)")
+    add("sql", cmd_sql, "print the schema SQL, as migrate applies it to an empty database")
+
+    p = add("status", cmd_status, "show workers: all of them, or NAME")
+    p.add_argument("name", nargs="?", metavar="NAME", help="one worker's name")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--watch",
+        nargs="?",
+        type=_positive_float,
+        const=2.0,
+        default=None,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until Ctrl-C",
+    )
+
+    p = add("stop", cmd_stop, "stop worker NAME: no more batches, pings ignored")
+    p.add_argument("name", metavar="NAME")
+    p = add("start", cmd_start, "resume the stopped worker NAME")
+    p.add_argument("name", metavar="NAME")
+
+    p = add("run", cmd_run, "run a host for the callables registered by MODULE(s) until Ctrl-C")
+    p.add_argument("modules", nargs="+", metavar="MODULE", help="e.g. myapp.jobs")
+
+    p = add("tick", cmd_tick, "one bounded drain pass (for cron); prints a JSON report")
+    p.add_argument("modules", nargs="+", metavar="MODULE", help="e.g. myapp.jobs")
+    p.add_argument(
+        "--name",
+        dest="names",
+        action="append",
+        metavar="N",
+        help="drain only this worker (repeatable; default: every worker that has work)",
+    )
+    p.add_argument(
+        "--budget",
+        type=_positive_float,
+        default=10.0,
+        metavar="SECONDS",
+        help="stop starting new batches after SECONDS (default 10)",
+    )
+
+    p = add(
+        "demo",
+        cmd_demo,
+        "producers insert events and ping while a host drains them; with no DSN at all, on an "
+        "embedded PostgreSQL (pip install 'batchloop[embedded]'). Creates (replaces) tables "
+        "demo_events and demo_totals.",
+    )
+    p.add_argument("--events", type=_positive_int, default=100_000, help="default 100000")
+    p.add_argument("--producers", type=_positive_int, default=4, help="default 4")
+    p.add_argument("--batch", type=_positive_int, default=100, help="batch size (default 100)")
+    p.add_argument(
+        "--chunk",
+        type=_positive_int,
+        default=20,
+        help="average events per producer transaction (default 20)",
+    )
+    return parser
+
+
+def _configure_logging(verbose: int, command: str) -> None:
+    base = logging.INFO if command == "run" else logging.WARNING
+    level = logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else base
+    logging.basicConfig(
+        level=logging.DEBUG if verbose >= 2 else logging.WARNING,  # other libraries
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("batchloop").setLevel(level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else 2
+    _configure_logging(args.verbose, args.command)
+    args.dsn = resolve_dsn(args.dsn)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        check_schema(args.schema)
+        return handler(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except CommandError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    except _EXPECTED as exc:
+        if args.verbose >= 2:
+            logging.getLogger("batchloop").exception("%s failed", args.command)
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+__all__ = ["build_parser", "format_status_table", "main", "resolve_dsn", "schema_sql"]

@@ -1,0 +1,102 @@
+"""How batchloop keeps exactly one loop per name and never loses a wakeup.
+
+This module holds no code: it is the protocol's one description, in the manner of River's
+``internal/leadership/doc.go``. The SQL it refers to is in ``migrations/`` and
+``batchloop/sql/queries.sql``; the pure decisions are in :mod:`batchloop.decide`.
+
+Tables
+------
+``workers`` (rarely written): name, callables (``module:qualname``), config, ``status`` in
+``idle | waiting | running | stopped``, ``revision`` (bumped when callables or config change),
+and two advisory-lock keys derived from schema and name: ``lock_key`` (ownership) and
+``wake_key`` (ping vs go-idle). ``worker_state`` (written every batch): ``generation``,
+``owner_host``, ``next_run_at``, ``last_work_at``, counters and the last error. ``hosts``: one row
+per live host with a heartbeat. Lock order is always ``worker_state`` row, then ``workers`` row.
+
+States
+------
+::
+
+            ping (new)                    query: Idle, past cooldown, confirmed
+    (none) -----------> RUNNING ---------------------------------------------> IDLE
+                         ^  |  \\                                               |
+          ping / start / |  |   \\ query: Idle(timeout=t), t > max(1 s, poll)   | ping
+          deadline       |  |    `----------------------------> WAITING         |
+                         |  |                                    |   | ping    |
+                         |  +--- stop ---> STOPPED <--- stop ----+   | (not due|
+                         |                   |                       |  within |
+                         +---------- start --+                       |  1 s)   |
+                         +-------------------------------------------+---------+
+
+RUNNING and WAITING names have an owner: the host whose control connection holds the name's
+session advisory lock (``pg_try_advisory_lock(lock_key)``). IDLE and STOPPED names have none.
+
+Generations and fencing
+-----------------------
+Every claim increments ``worker_state.generation`` and so does ``stop``. A loop remembers the
+generation it claimed, and every iteration transaction begins with ``fence``: ``SELECT ... FOR
+UPDATE`` of its ``worker_state`` row *where the generation is still its own*. So:
+
+* a claim or stop that bumps the generation waits for the in-flight iteration's row lock: the
+  old loop's batch either commits before the bump, or rolls back;
+* after the bump commits, an old loop's fence finds no row and it exits without writing.
+
+At most one generation commits batches at a time, whatever the session locks say. The session
+lock is only the fast path that tells hosts who should run a name; the fence is what makes a
+superseded or zombie loop harmless (for instance one whose control connection was terminated
+while its pool connection lived on). The worker's writes and the bookkeeping (``batches``,
+``last_work_at``) are in that same transaction.
+
+Who is authoritative
+--------------------
+The database, always, with its own clock: deadlines (``next_run_at``), cooldowns
+(``now() - last_work_at``) and heartbeats are ``now()`` values compared in SQL. A host's clock
+only measures how long to sleep.
+
+No lost wakeup
+--------------
+A ping runs in the producer's transaction. It takes ``pg_advisory_xact_lock_shared(wake_key)``
+(in memory, released at commit) and then reads ``workers.status`` in a new statement, so with
+READ COMMITTED it sees every status change that committed before it got the lock. If the
+worker is idle (or waiting and not due within 1 s) it sets it running and ``NOTIFY``s; if it
+is running it does nothing at all: no row written, no row locked, no NOTIFY (NOTIFY takes a
+database-wide lock at commit, so it is sent only on transitions).
+
+A loop goes idle only through ``try_go_idle``: ``pg_try_advisory_xact_lock(wake_key)``, the
+exclusive mode, which fails while any ping transaction of the name is in flight (the loop then
+just polls again). Holding it, the loop re-runs the work query in a fresh snapshot and commits
+IDLE only if it still finds nothing. Every ping either committed before that lock was taken
+(so its rows are seen by the re-run query), or takes its shared lock after the go-idle commits
+(so it reads IDLE and wakes the worker). Nothing falls between.
+
+Under REPEATABLE READ or SERIALIZABLE the ping's snapshot may predate the go-idle, so there it
+reads the row ``FOR SHARE``: PostgreSQL then raises a serialization failure (40001) rather than
+return the stale status; retry the transaction as for any serialization failure.
+
+Notifications and their loss
+----------------------------
+Wake-ups travel as ``NOTIFY batchloop:<schema>`` with payload ``w|s|r:<lock_key>:<name>``
+(wake, stop, released). Hosts ``LISTEN`` on their control connection. A notification can be
+missed (connection lost, host starting), so nothing depends on it for correctness:
+
+* after every (re)connection a host runs the monitor query at once;
+* the monitor runs every ``monitor_interval`` (0.5 s) on every host: one query for all names,
+  returning running or due-waiting names whose lock nobody holds (claim them), and names whose
+  owner's heartbeat is older than the name's ``monitor_lag`` (terminate that host's backends,
+  which frees its locks and aborts its open transactions, then claim);
+* a host that releases a name (its loop went idle or was superseded) re-checks it at once,
+  because a ping may have woken it while the lock was still held and the other hosts' claims
+  failed.
+
+Recovery bounds
+---------------
+* Owner process dies or loses its connection: the server drops its session locks at once; the
+  next monitor tick elsewhere claims (``monitor_interval`` + one claim, about 0.5 s).
+* Owner frozen (SIGSTOP, GC pause, partition) with connections open: its heartbeat stops; after
+  ``monitor_lag`` another host terminates its backends and claims. The frozen process, resumed,
+  finds its connections gone, cancels its loops (their transactions were already rolled back)
+  and reconnects as a fresh host; the generation fence stops any late commit.
+* A host exiting normally finishes in-flight batches within ``shutdown_grace``, releases its
+  locks and NOTIFYs ``r:`` so another host claims immediately.
+* Waiting names keep their owner; if it dies, the monitor claims the name once it is due.
+"""

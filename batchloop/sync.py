@@ -1,0 +1,163 @@
+"""The user-facing calls for a psycopg *sync* ``Connection``, for scripts and synchronous apps.
+
+Same names, signatures and return values as the async API in :mod:`batchloop`::
+
+    import psycopg
+    import batchloop.sync as bls
+
+    bls.migrate(dsn)
+    with psycopg.connect(dsn) as conn:          # commits when the block ends
+        conn.execute("INSERT INTO events(value) VALUES (1)")
+        bls.ping(conn, "events", next_events, handle_events)
+
+Every call runs in the caller's transaction and never commits for them (psycopg's sync
+connections open a transaction implicitly unless ``autocommit=True``): ``ping``, ``stop`` and
+``start`` take effect when the caller commits. ``migrate`` is the exception that manages its own
+transaction (see its docstring). The work query and worker passed to ``ping`` are the same
+async, decorated functions a host runs; ``ping`` only records their names.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Generator, Sequence
+from typing import Any
+
+import psycopg
+
+from .api import PingResult, ping_args
+from .connect import ConnectError, redact
+from .drivers.base import Row
+from .drivers.psycopg import SyncPsycopgSession
+from .migrate import Query, Script, Step, code_version, plan
+from .models import Config, WorkerStatus
+from .schema_name import DEFAULT_SCHEMA, check_name, check_schema
+from .status import to_status, to_statuses
+
+log = logging.getLogger("batchloop")
+
+__all__ = ["connect", "list_workers", "migrate", "ping", "start", "status", "stop"]
+
+
+def connect(
+    dsn: str | None = None, *, autocommit: bool = False, timeout: float = 10.0
+) -> psycopg.Connection[Any]:
+    """A psycopg sync connection, raising :class:`batchloop.connect.ConnectError` on failure.
+
+    ``dsn``: a libpq URL or key/value string; None (or "") uses the ``PG*`` environment variables.
+    The error message hides any password in the DSN.
+    """
+    try:
+        return psycopg.connect(
+            dsn or "", autocommit=autocommit, connect_timeout=max(1, int(timeout))
+        )
+    except psycopg.Error as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConnectError(f"cannot connect to PostgreSQL at {redact(dsn)}: {detail}") from exc
+
+
+def _session(conn: psycopg.Connection[Any], schema: str) -> SyncPsycopgSession:
+    if not isinstance(conn, psycopg.Connection):
+        raise TypeError(
+            f"conn must be a psycopg (sync) Connection, got {type(conn).__name__} "
+            "(for asyncpg or a psycopg AsyncConnection use the async batchloop API)"
+        )
+    return SyncPsycopgSession(conn, check_schema(schema))
+
+
+def ping(
+    conn: psycopg.Connection[Any],
+    name: str,
+    work_query: Callable[..., Any],
+    worker: Callable[..., Any],
+    *,
+    config: Config | None = None,
+    schema: str = DEFAULT_SCHEMA,
+) -> PingResult:
+    """Make sure the loop ``name`` will see the work this transaction inserts.
+
+    Call it in the inserting transaction; it takes effect when that transaction commits. See
+    :func:`batchloop.ping`. Raises before any SQL runs when a callable is not registered.
+    """
+    args = ping_args(name, work_query, worker, config)
+    s = _session(conn, schema)
+    result: PingResult = s.fetchval("ping", *args)
+    return result
+
+
+def stop(conn: psycopg.Connection[Any], name: str, *, schema: str = DEFAULT_SCHEMA) -> bool:
+    """Stop ``name`` (see :func:`batchloop.stop`); effective once the caller's transaction commits.
+
+    Returns False when there is no such worker.
+    """
+    check_name(name)
+    s = _session(conn, schema)
+    return bool(s.fetchval("stop", name, code_version()) != "missing")
+
+
+def start(conn: psycopg.Connection[Any], name: str, *, schema: str = DEFAULT_SCHEMA) -> bool:
+    """Resume a stopped worker (see :func:`batchloop.start`); returns False when there is none."""
+    check_name(name)
+    s = _session(conn, schema)
+    return bool(s.fetchval("start", name, code_version()) != "missing")
+
+
+def status(
+    conn: psycopg.Connection[Any], name: str, *, schema: str = DEFAULT_SCHEMA
+) -> WorkerStatus | None:
+    """The worker ``name``, or None if no ping ever created it."""
+    check_name(name)
+    s = _session(conn, schema)
+    s.fetchval("check_version", code_version())
+    row = s.fetchrow("status", name)
+    return to_status(row) if row is not None else None
+
+
+def list_workers(
+    conn: psycopg.Connection[Any], *, schema: str = DEFAULT_SCHEMA
+) -> list[WorkerStatus]:
+    """Every worker, ordered by name."""
+    s = _session(conn, schema)
+    s.fetchval("check_version", code_version())
+    return to_statuses(s.fetch("status", None))
+
+
+def migrate(
+    dsn_or_conn: str | psycopg.Connection[Any] | None = None, *, schema: str = DEFAULT_SCHEMA
+) -> list[int]:
+    """Create or upgrade the batchloop schema; returns the versions applied (idempotent).
+
+    ``dsn_or_conn``: a DSN string (None: the ``PG*`` environment), which is opened, migrated,
+    committed and closed; or a psycopg sync Connection, migrated inside ``conn.transaction()``:
+    that commits when no transaction was open on it, and otherwise becomes a savepoint of the
+    caller's transaction, for the caller to commit. Safe when several processes migrate at once.
+    """
+    check_schema(schema)
+    if dsn_or_conn is None or isinstance(dsn_or_conn, str):
+        with connect(dsn_or_conn, autocommit=True) as conn:
+            return migrate(conn, schema=schema)
+    s = _session(dsn_or_conn, schema)
+    with dsn_or_conn.transaction():
+        done = _drive(plan(schema), s)
+    if done:
+        log.info("migrated schema %s: applied %s", schema, done)
+    return done
+
+
+def _drive(
+    steps: Generator[Step, Sequence[Row] | None, list[int]], s: SyncPsycopgSession
+) -> list[int]:
+    """Run :func:`batchloop.migrate.plan` synchronously (the twin of ``migrate._drive``)."""
+    reply: Sequence[Row] | None = None
+    try:
+        while True:
+            step = steps.send(reply)
+            if isinstance(step, Script):
+                s.script(step.sql)
+                reply = None
+            else:
+                assert isinstance(step, Query)
+                reply = s.fetch(step.name)
+    except StopIteration as done:
+        result: list[int] = done.value
+        return result
