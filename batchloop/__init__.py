@@ -11,9 +11,9 @@ from .errors import (
     SchemaTooNewError,
 )
 from .host import Host
+from .migrate import migrate
 from .models import Config, Debounce, Idle, Owner, TickReport, Work, WorkerStatus
 from .registry import work_query, worker
-from .migrate import migrate
 from .tick import tick
 
 __all__ = [

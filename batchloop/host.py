@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
-import sys
 import socket
+import sys
 import uuid
 from collections.abc import Iterable
 from types import TracebackType
@@ -22,7 +23,7 @@ import anyio
 import asyncpg
 from anyio.abc import TaskGroup, TaskStatus
 
-from .connect import TRANSIENT, connect, create_pool, retrying
+from .connect import TRANSIENT, connect, create_pool
 from .control import Control
 from .drivers.asyncpg import AsyncpgSession
 from .errors import BatchloopError
@@ -89,6 +90,7 @@ class Host:
         self._claiming: set[str] = set()
         self._unrunnable: set[tuple[str, str]] = set()
         self._closing = False
+        self._drained = anyio.Event()
         self._inbox_send, self._inbox = anyio.create_memory_object_stream[str](10_000)
 
     # ------------------------------------------------------------------ public surface
@@ -122,7 +124,9 @@ class Host:
             # The host's tasks live in a task of their own, so hosts can be entered and exited
             # in any order and a host failure never cancels the caller's code.
             ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._runner = asyncio.create_task(self._run(ready), name=f"batchloop-host-{self.host_id}")
+            self._runner = asyncio.create_task(
+                self._run(ready), name=f"batchloop-host-{self.host_id}"
+            )
             await ready
         except BaseException:
             if self._runner is not None:
@@ -179,7 +183,9 @@ class Host:
 
     # ------------------------------------------------------------------ supervision
 
-    async def _supervise(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def _supervise(
+        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Keep a control session up; everything else lives and dies with it."""
         first = True
         while True:
@@ -192,7 +198,7 @@ class Host:
                 await anyio.sleep(1.0)
                 continue
             lost = anyio.Event()
-            control.conn.add_termination_listener(lambda _c: lost.set())
+            control.conn.add_termination_listener(functools.partial(_set_event, lost))
             try:
                 async with anyio.create_task_group() as tg:
                     self._session_tg = tg
@@ -217,11 +223,14 @@ class Host:
                 return
             log.warning("host %s lost its control connection; reconnecting", self.host_id)
 
-    async def _open_control(self, timeout: float | None) -> Control:
+    async def _open_control(self, retry_for: float | None) -> Control:
         conn = await connect(
             self.dsn,
-            timeout=timeout,
-            **{**self._connect_kwargs, "server_settings": {"application_name": self.application_name}},
+            timeout=retry_for,
+            **{
+                **self._connect_kwargs,
+                "server_settings": {"application_name": self.application_name},
+            },
         )
         control = Control(conn, self.schema)
         try:
@@ -291,7 +300,7 @@ class Host:
         try:
             rows = await control.fetch("orphans", 500)
         except Exception as exc:
-            if isinstance(exc, TRANSIENT + (asyncpg.InterfaceError,)):
+            if isinstance(exc, (*TRANSIENT, asyncpg.InterfaceError)):
                 log.warning("host %s: monitor query failed: %s", self.host_id, exc)
                 return
             raise
@@ -370,6 +379,8 @@ class Host:
         """A loop ended: unlock its name, then re-check it (a ping may have raced us)."""
         if self._loops.get(loop.name) is loop:
             del self._loops[loop.name]
+        if not self._loops:
+            self._drained.set()
         control = self._control
         if control is None or self._closing or control.is_closed():
             return
@@ -383,13 +394,15 @@ class Host:
     # ------------------------------------------------------------------ shutdown
 
     async def _drain_loops(self) -> None:
-        """Let in-flight iterations finish within the grace period."""
-        for loop in self._loops.values():
+        """Let in-flight iterations finish within the grace period; loops exit when done."""
+        if not self._loops:
+            return
+        self._drained = anyio.Event()
+        for loop in list(self._loops.values()):
             loop.stopping = True
             loop.wake()
         with anyio.move_on_after(self.shutdown_grace):
-            while any(loop.busy for loop in self._loops.values()):
-                await anyio.sleep(0.01)
+            await self._drained.wait()
 
     async def _say_goodbye(self, released: list[str]) -> None:
         control = self._control
@@ -402,6 +415,10 @@ class Host:
             log.warning("host %s: goodbye failed: %s", self.host_id, exc)
         finally:
             await control.conn.close(timeout=2.0)
+
+
+def _set_event(event: anyio.Event, *_args: object) -> None:
+    event.set()
 
 
 async def _schema_version(s: AsyncpgSession) -> int | None:

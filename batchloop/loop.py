@@ -186,7 +186,9 @@ class NameLoop:
             since_work = None if self.once else fence["since_work"]
             timeout = self.bound.config.iteration_timeout
             with anyio.fail_after(timeout) if timeout is not None else nullcontext():
-                decision = await self._run_callables(conn, s, 1e9 if since_work is None else since_work)
+                decision = await self._run_callables(
+                    conn, s, 1e9 if since_work is None else since_work
+                )
         if isinstance(decision, RunAgain) and decision.reason in ("work", "debounce"):
             self.failures = 0
             self.batches += 1
@@ -246,7 +248,9 @@ class NameLoop:
 
     async def _failed(self, exc: Exception) -> Decision | None:
         self.failures += 1
-        decision = decide.after_failure(self.failures, self.bound.config.monitor_lag, random.random())
+        decision = decide.after_failure(
+            self.failures, self.bound.config.monitor_lag, random.random()
+        )
         log.error(
             "loop %r failed (%d in a row), retrying in %.2fs",
             self.name,

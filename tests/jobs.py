@@ -72,7 +72,11 @@ async def process_items(conn: Any, batch: list[int]) -> bl.Debounce | None:
     await conn.execute(
         "INSERT INTO done (item_id, name, generation, pid, started) "
         "SELECT unnest($1::bigint[]), $2, $3, $4, $5",
-        batch, name, gen, pid, started,
+        batch,
+        name,
+        gen,
+        pid,
+        started,
     )
     await conn.execute("DELETE FROM items WHERE id = ANY($1)", batch)
     k.entered.set()
@@ -102,7 +106,8 @@ async def insert_and_ping(
     async with conn.transaction():
         await conn.execute(
             "INSERT INTO items (name, value) SELECT $1, g FROM generate_series(1, $2) g",
-            name, count,
+            name,
+            count,
         )
         return await bl.ping(conn, name, next_items, process_items, config=config)
 

@@ -11,8 +11,9 @@ import logging
 import os
 import sys
 
-import batchloop as bl
 import jobs
+
+import batchloop as bl
 
 
 async def main(dsn: str) -> None:

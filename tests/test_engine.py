@@ -7,8 +7,6 @@ from typing import Any
 
 import asyncpg
 import pytest
-
-import batchloop as bl
 from helpers import wait_for
 from jobs import (
     bad_batch_query,
@@ -20,6 +18,8 @@ from jobs import (
     typed_worker,
     undecorated,
 )
+
+import batchloop as bl
 
 pytestmark = pytest.mark.anyio
 
@@ -39,7 +39,7 @@ async def test_ping_creates_worker_and_host_drains_it(migrated_dsn: str) -> None
     conn = await _setup(migrated_dsn)
     async with bl.Host(migrated_dsn, modules=["jobs"]):
         assert await insert_and_ping(conn, "drain", 250) == "created"
-        await wait_for(lambda: _count(conn, "SELECT count(*) FROM done") , expect=250)
+        await wait_for(lambda: _count(conn, "SELECT count(*) FROM done"), expect=250)
         st = await bl.status(conn, "drain")
         assert st is not None and st.batches == 3 and st.generation >= 1
         assert st.work_query == "jobs:next_items" and st.worker == "jobs:process_items"
@@ -66,7 +66,7 @@ async def test_ping_refuses_unregistered_callables_and_creates_nothing(migrated_
         return bl.Idle()
 
     for query in (undecorated, lambda c, n: None, closure):
-        with pytest.raises(bl.NotRegisteredError, match="@batchloop.work_query"):
+        with pytest.raises(bl.NotRegisteredError, match=r"@batchloop\.work_query"):
             await bl.ping(conn, "x", query, process_items)
     with pytest.raises(bl.NotRegisteredError, match="registered as a work_query"):
         await bl.ping(conn, "x", next_items, next_items)
@@ -147,9 +147,7 @@ async def test_failure_rolls_back_records_and_retries(migrated_dsn: str) -> None
     knobs("flaky").fail_times = 2
     async with bl.Host(migrated_dsn, modules=["jobs"]):
         await insert_and_ping(conn, "flaky", 3)
-        st = await wait_for(
-            lambda: _failed_status(conn, "flaky", 2), timeout=10
-        )
+        st = await wait_for(lambda: _failed_status(conn, "flaky", 2), timeout=10)
         assert "injected failure for flaky" in (st.last_error or "")
         # the failed attempts' writes rolled back: done has nothing yet, items still there
         assert await _count(conn, "SELECT count(*) FROM done") in (0, 3)
@@ -318,7 +316,8 @@ async def test_custom_schema(dsn: str) -> None:
 async def test_host_never_runs_a_callable_only_a_row_names(migrated_dsn: str) -> None:
     conn = await _setup(migrated_dsn)
     await conn.execute(
-        "INSERT INTO batchloop.workers (name, lock_key, wake_key, work_query, worker, config, status)"
+        "INSERT INTO batchloop.workers"
+        " (name, lock_key, wake_key, work_query, worker, config, status)"
         " VALUES ('evil', 1, 2, 'os:system', 'os:system', '{}', 'running');"
         "INSERT INTO batchloop.worker_state (name) VALUES ('evil')"
     )

@@ -8,10 +8,10 @@ from typing import Any
 
 import asyncpg
 import pytest
-
-import batchloop as bl
 from helpers import wait_for
 from jobs import create_tables, insert_and_ping, knobs, next_items, process_items
+
+import batchloop as bl
 
 pytestmark = pytest.mark.anyio
 
@@ -54,10 +54,11 @@ async def test_two_hosts_never_overlap_on_a_name(migrated_dsn: str) -> None:
     for n in names:
         knobs(n).limit = 5
         knobs(n).sleep = 0.01
-    async with bl.Host(migrated_dsn, modules=["jobs"]) as a, bl.Host(
-        migrated_dsn, modules=["jobs"]
-    ) as b:
-        for round_ in range(4):
+    async with (
+        bl.Host(migrated_dsn, modules=["jobs"]) as a,
+        bl.Host(migrated_dsn, modules=["jobs"]) as b,
+    ):
+        for _ in range(4):
             for n in names:
                 await insert_and_ping(conn, n, 20)
             await asyncio.sleep(0.1)
@@ -90,7 +91,7 @@ async def test_no_lost_wakeup_while_loop_keeps_going_idle(migrated_dsn: str) -> 
     async with bl.Host(migrated_dsn, modules=["jobs"]):
         await asyncio.gather(*(producer(i) for i in range(producers)))
         await wait_for(lambda: _count(conn, "SELECT count(*) FROM items"), expect=0, timeout=30)
-        went_idle = await _count(conn, "SELECT count(*) FROM calls") 
+        went_idle = await _count(conn, "SELECT count(*) FROM calls")
     assert went_idle > 10
     await assert_invariants(conn, per_producer * producers)
     await pool.close()
@@ -106,7 +107,9 @@ async def test_takeover_when_owner_control_connection_is_terminated(migrated_dsn
         await insert_and_ping(conn, "own", 1000)
         await wait_for(lambda: "own" in a.owned())
         async with bl.Host(migrated_dsn, modules=["jobs"]):
-            await wait_for(lambda: _count(conn, "SELECT count(*) FROM done"), expect=lambda n: n >= 3)
+            await wait_for(
+                lambda: _count(conn, "SELECT count(*) FROM done"), expect=lambda n: n >= 3
+            )
             # Kill A's control connection (its session locks go with it): A must stop at once
             # and B must take over within about a second.
             killed = await conn.fetchval(
@@ -127,10 +130,15 @@ async def test_takeover_when_owner_control_connection_is_terminated(migrated_dsn
                 timeout=5,
             )
             assert (first_new - t0).total_seconds() < 1.5
-            assert await _count(
-                conn, "SELECT count(*) FROM done WHERE generation <= $1 AND finished > $2",
-                old_gen, t0,
-            ) == 0, "the zombie generation committed after losing its lock"
+            assert (
+                await _count(
+                    conn,
+                    "SELECT count(*) FROM done WHERE generation <= $1 AND finished > $2",
+                    old_gen,
+                    t0,
+                )
+                == 0
+            ), "the zombie generation committed after losing its lock"
             k.limit = 100
             k.sleep = 0
             await wait_for(lambda: _count(conn, "SELECT count(*) FROM items"), expect=0, timeout=30)

@@ -6,10 +6,10 @@ import asyncio
 
 import asyncpg
 import pytest
-
-import batchloop as bl
 from helpers import wait_for
 from jobs import create_tables, insert_and_ping, knobs
+
+import batchloop as bl
 
 pytestmark = pytest.mark.anyio
 

@@ -15,7 +15,7 @@ from .base import Session
 
 @asynccontextmanager
 async def session_for(conn: Any, schema: str) -> AsyncIterator[Session]:
-    """A Session over whatever the user passed: asyncpg Connection or Pool, psycopg AsyncConnection."""
+    """A Session over an asyncpg Connection or Pool, or a psycopg AsyncConnection."""
     import asyncpg
 
     if isinstance(conn, asyncpg.Pool):
