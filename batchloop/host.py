@@ -89,6 +89,8 @@ class Host:
         self._loops: dict[str, NameLoop] = {}
         self._claiming: set[str] = set()
         self._unrunnable: set[tuple[str, str]] = set()
+        self._foreign: set[str] = set()
+        """Names whose callables this process lacks: wake-ups for them are left to others."""
         self._closing = False
         self._drained = anyio.Event()
         self._inbox_send, self._inbox = anyio.create_memory_object_stream[str](10_000)
@@ -282,7 +284,7 @@ class Host:
             elif kind in ("w", "r"):
                 if loop is not None:
                     loop.wake()
-                else:
+                elif name not in self._foreign:
                     await self._claim(name)
 
     # ------------------------------------------------------------------ claims
@@ -310,9 +312,13 @@ class Host:
                 if stale != self.host_id:
                     await self._end_host(stale)
                 continue
-            if row["name"] in self._loops or not self._runnable(row["work_query"], row["worker"]):
+            name = row["name"]
+            if not self._runnable(row["work_query"], row["worker"]):
+                self._foreign.add(name)
                 continue
-            await self._claim(row["name"])
+            self._foreign.discard(name)
+            if name not in self._loops:
+                await self._claim(name)
 
     def _runnable(self, query_ref: str, worker_ref: str) -> bool:
         if lookup(query_ref, "work_query") and lookup(worker_ref, "worker"):
@@ -358,6 +364,7 @@ class Host:
                 bound = Bound.from_row(row)
             except CallableMissing:
                 self._runnable(row["work_query"], row["worker"])
+                self._foreign.add(name)
                 await control.fetchval("unlock", row["lock_key"])
                 return
             loop = NameLoop(

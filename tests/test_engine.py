@@ -349,3 +349,39 @@ async def test_repeatable_read_ping_refuses_stale_snapshot(migrated_dsn: str) ->
         assert await bl.ping(conn, "rr", next_items, process_items) == "woken"
     await other.close()
     await conn.close()
+
+
+async def test_ping_near_a_waiting_deadline_leaves_it_alone(migrated_dsn: str) -> None:
+    conn = await _setup(migrated_dsn)
+    await bl.ping(conn, "soon", next_items, process_items)
+    # As a loop would leave it: waiting, due in 0.5 s (no host runs here).
+    await conn.execute(
+        "UPDATE batchloop.workers SET status = 'waiting' WHERE name = 'soon';"
+        "UPDATE batchloop.worker_state SET next_run_at = now() + interval '0.5 s'"
+        " WHERE name = 'soon'"
+    )
+    assert await bl.ping(conn, "soon", next_items, process_items) == "unchanged"
+    assert await _state(conn, "soon") == "waiting"
+    await conn.execute(
+        "UPDATE batchloop.worker_state SET next_run_at = now() + interval '5 s' WHERE name = 'soon'"
+    )
+    assert await bl.ping(conn, "soon", next_items, process_items) == "woken"
+    assert await _state(conn, "soon") == "running"
+    await conn.close()
+
+
+async def test_changed_callables_take_effect_on_a_running_loop(migrated_dsn: str) -> None:
+    conn = await _setup(migrated_dsn)
+    k = knobs("swap")
+    k.limit, k.sleep = 1, 0.05
+    async with bl.Host(migrated_dsn, modules=["jobs"]):
+        await insert_and_ping(conn, "swap", 40)
+        await wait_for(lambda: _count(conn, "SELECT count(*) FROM done"), expect=lambda n: n >= 2)
+        async with conn.transaction():
+            assert await bl.ping(conn, "swap", next_items, typed_worker) == "updated"
+        # typed_worker deletes without recording in `done`: the backlog drains, done stops growing
+        await wait_for(lambda: _count(conn, "SELECT count(*) FROM items"), expect=0)
+        st = await bl.status(conn, "swap")
+        assert st is not None and st.worker == "jobs:typed_worker"
+        assert await _count(conn, "SELECT count(*) FROM done") < 40
+    await conn.close()
