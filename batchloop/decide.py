@@ -52,7 +52,8 @@ def after_idle(idle: Idle, since_work: float) -> Decision:
     if since_work < idle.cooldown:
         return RunAgain(idle.poll_interval, "cooldown")
     if idle.timeout is not None and idle.timeout <= max(RUNNING_THRESHOLD, idle.poll_interval):
-        return RunAgain(idle.timeout, "short timeout")
+        # Never faster than poll_interval: Idle(timeout=0) must not spin the database.
+        return RunAgain(max(idle.timeout, idle.poll_interval), "short timeout")
     return Sleep(idle.timeout)
 
 

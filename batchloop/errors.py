@@ -7,8 +7,11 @@ class BatchloopError(Exception):
     """Base class for batchloop's own errors."""
 
 
-class NotRegisteredError(BatchloopError, TypeError):
-    """A callable given to ``ping`` was not registered with a batchloop decorator."""
+class NotRegisteredError(BatchloopError, TypeError, ValueError):
+    """A callable given to ``ping`` was not registered with a batchloop decorator.
+
+    Both a TypeError and a ValueError: it is a bad argument whichever way a caller checks.
+    """
 
 
 class SchemaMissingError(BatchloopError):

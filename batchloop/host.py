@@ -252,7 +252,7 @@ class Host:
         control = self._control
         assert control is not None
         while True:
-            await anyio.sleep(self.heartbeat_interval)
+            await anyio.sleep(self._heartbeat_every())
             try:
                 alive = await control.fetchval("heartbeat", self.host_id)
             except Exception as exc:
@@ -263,6 +263,11 @@ class Host:
                 log.error("host %s was declared dead by another host; resetting", self.host_id)
                 lost.set()
                 return
+
+    def _heartbeat_every(self) -> float:
+        """Often enough that no owned name's ``monitor_lag`` can pass between two beats."""
+        lags = [loop.bound.config.monitor_lag for loop in self._loops.values()]
+        return max(0.1, min([self.heartbeat_interval, *(lag / 4 for lag in lags)]))
 
     # ------------------------------------------------------------------ wake-ups
 

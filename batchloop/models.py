@@ -60,7 +60,7 @@ class Config(BaseModel):
 
     debounce: float = Field(default=0.0, ge=0.0, le=86_400.0, allow_inf_nan=False)
     """Delay before the first batch after a wake, so a burst accumulates."""
-    monitor_lag: float = Field(default=60.0, ge=2.0, le=86_400.0, allow_inf_nan=False)
+    monitor_lag: float = Field(default=60.0, ge=1.0, le=86_400.0, allow_inf_nan=False)
     """How long a frozen or unreachable owner may go unnoticed; also the retry backoff cap."""
     iteration_timeout: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
     """Cancel a work query plus worker that runs longer than this; counts as a failure."""

@@ -6,11 +6,11 @@ import re
 
 DEFAULT_SCHEMA = "batchloop"
 # Short enough that the NOTIFY channel "batchloop:<schema>" fits PostgreSQL's 63-byte names.
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,49}$")
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,49}")
 
 
 def check_schema(schema: str) -> str:
-    if not isinstance(schema, str) or not _IDENT.match(schema):
+    if not isinstance(schema, str) or not _IDENT.fullmatch(schema):
         raise ValueError(
             f"invalid schema name {schema!r}: use 1 to 50 letters, digits or underscores, "
             "not starting with a digit"

@@ -11,9 +11,9 @@ import logging
 import os
 import sys
 
-import jobs
-
 import batchloop as bl
+
+import jobs
 
 
 async def main(dsn: str) -> None:

@@ -7,6 +7,9 @@ from typing import Any
 
 import asyncpg
 import pytest
+
+import batchloop as bl
+
 from helpers import wait_for
 from jobs import (
     bad_batch_query,
@@ -18,8 +21,6 @@ from jobs import (
     typed_worker,
     undecorated,
 )
-
-import batchloop as bl
 
 pytestmark = pytest.mark.anyio
 

@@ -13,11 +13,12 @@ from typing import Any
 
 import asyncpg
 import pytest
+
+import batchloop as bl
+
 from helpers import wait_for
 from jobs import create_tables, insert_and_ping
 from test_ownership import assert_invariants
-
-import batchloop as bl
 
 pytestmark = pytest.mark.anyio
 HERE = Path(__file__).parent

@@ -8,10 +8,11 @@ from typing import Any
 
 import asyncpg
 import pytest
-from helpers import wait_for
-from jobs import create_tables, insert_and_ping, knobs, next_items, process_items
 
 import batchloop as bl
+
+from helpers import wait_for
+from jobs import create_tables, insert_and_ping, knobs, next_items, process_items
 
 pytestmark = pytest.mark.anyio
 

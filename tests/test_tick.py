@@ -6,10 +6,11 @@ import asyncio
 
 import asyncpg
 import pytest
-from helpers import wait_for
-from jobs import create_tables, insert_and_ping, knobs
 
 import batchloop as bl
+
+from helpers import wait_for
+from jobs import create_tables, insert_and_ping, knobs
 
 pytestmark = pytest.mark.anyio
 
