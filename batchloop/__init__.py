@@ -4,6 +4,7 @@ See README.md for usage and :mod:`batchloop.protocol` for how it works.
 """
 
 from .api import list_workers, ping, start, status, stop
+from .cron import tick
 from .errors import (
     BatchloopError,
     NotRegisteredError,
@@ -11,10 +12,9 @@ from .errors import (
     SchemaTooNewError,
 )
 from .host import Host
-from .migrate import migrate
+from .migrations import migrate
 from .models import Config, Debounce, Idle, Owner, TickReport, Work, WorkerStatus
 from .registry import work_query, worker
-from .tick import tick
 
 __all__ = [
     "BatchloopError",

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from .drivers import session_for
 from .drivers.base import Session
-from .migrate import code_version
+from .migrations import code_version
 from .models import Config, WorkerStatus
 from .registry import resolve_callable
 from .schema_name import DEFAULT_SCHEMA, check_name, check_schema

@@ -24,7 +24,7 @@ from pydantic import TypeAdapter
 
 from . import sync
 from .errors import BatchloopError
-from .migrate import Query, Script, code_version, plan
+from .migrations import Query, Script, code_version, plan
 from .models import WorkerStatus
 from .schema_name import DEFAULT_SCHEMA, check_schema
 
@@ -254,7 +254,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_tick(args: argparse.Namespace) -> int:
-    from .tick import tick
+    from .cron import tick
 
     _import_user_modules(args.modules)
     names = list(args.names) if args.names else None

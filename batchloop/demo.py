@@ -35,7 +35,7 @@ from .api import ping, start, status
 from .connect import connect, create_pool
 from .errors import BatchloopError
 from .host import Host
-from .migrate import migrate
+from .migrations import migrate
 from .models import Config, Idle, Work, WorkerStatus
 from .registry import work_query, worker
 from .schema_name import DEFAULT_SCHEMA

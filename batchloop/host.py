@@ -28,7 +28,7 @@ from .control import Control
 from .drivers.asyncpg import AsyncpgSession
 from .errors import BatchloopError
 from .loop import Bound, CallableMissing, LoopContext, NameLoop
-from .migrate import check_version
+from .migrations import check_version
 from .registry import import_modules, lookup
 from .schema_name import DEFAULT_SCHEMA, check_schema
 

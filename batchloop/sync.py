@@ -29,7 +29,7 @@ from .api import PingResult, ping_args
 from .connect import ConnectError, redact
 from .drivers.base import Row
 from .drivers.psycopg import SyncPsycopgSession
-from .migrate import Query, Script, Step, code_version, plan
+from .migrations import Query, Script, Step, code_version, plan
 from .models import Config, WorkerStatus
 from .schema_name import DEFAULT_SCHEMA, check_name, check_schema
 from .status import to_status, to_statuses
@@ -147,7 +147,7 @@ def migrate(
 def _drive(
     steps: Generator[Step, Sequence[Row] | None, list[int]], s: SyncPsycopgSession
 ) -> list[int]:
-    """Run :func:`batchloop.migrate.plan` synchronously (the twin of ``migrate._drive``)."""
+    """Run :func:`batchloop.migrations.plan` synchronously (the twin of ``migrations._drive``)."""
     reply: Sequence[Row] | None = None
     try:
         while True:

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 import batchloop.sync as bls
-from batchloop.migrate import code_version
+from batchloop.migrations import code_version
 
 from jobs import TABLES, next_items, process_items
 

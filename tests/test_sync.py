@@ -12,7 +12,7 @@ import pytest
 
 import batchloop as bl
 import batchloop.sync as bls
-from batchloop.migrate import code_version
+from batchloop.migrations import code_version
 
 from helpers import wait_for
 from jobs import TABLES, next_items, process_items, undecorated

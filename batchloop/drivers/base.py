@@ -49,4 +49,7 @@ def translate(exc: BaseException, schema: str) -> BaseException | None:
 
 
 def _message(exc: BaseException) -> str:
-    return str(getattr(exc, "message", None) or exc).strip()
+    """The server's primary message, without psycopg's LINE/caret context."""
+    diag = getattr(exc, "diag", None)
+    primary = getattr(diag, "message_primary", None) or getattr(exc, "message", None)
+    return str(primary or exc).strip()

@@ -20,7 +20,7 @@ from .connect import connect
 from .control import Control
 from .drivers.asyncpg import AsyncpgSession
 from .loop import Bound, CallableMissing, LoopContext, NameLoop
-from .migrate import code_version
+from .migrations import code_version
 from .models import TickFailure, TickReport
 from .schema_name import DEFAULT_SCHEMA, check_name, check_schema
 
