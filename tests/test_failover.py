@@ -95,6 +95,7 @@ async def test_sigkill_of_owner_is_taken_over_within_a_second(
         gaps.append((first - t0).total_seconds())
         new_pid = await wait_for(lambda: _owner_pid(conn, "f"))
         assert new_pid != pid
+    print(f"takeover gaps after SIGKILL (s): {gaps}")
     assert max(gaps) < 1.0, f"takeover gaps after SIGKILL: {gaps}"
     await wait_for(lambda: conn.fetchval("SELECT count(*) FROM items"), expect=0, timeout=60)
     await assert_invariants(conn, 400)
@@ -119,6 +120,7 @@ async def test_frozen_owner_is_fenced_and_taken_over_after_monitor_lag(
         timeout=lag + 10,
     )
     gap = (first - t0).total_seconds()
+    print(f"frozen owner taken over after {gap:.2f} s (monitor_lag {lag} s)")
     assert gap < lag + 3.0, f"frozen owner taken over after {gap:.2f}s (monitor_lag {lag})"
     frozen.send_signal(signal.SIGCONT)
     await wait_for(lambda: conn.fetchval("SELECT count(*) FROM items"), expect=0, timeout=60)
