@@ -27,6 +27,22 @@ class Control:
         self.conn = conn
         self.schema = schema
         self._lock = anyio.Lock()
+        self.lost = anyio.Event()
+        """Set once the connection is gone or distrusted; the host then starts a new session."""
+        conn.add_termination_listener(self._on_terminated)
+
+    def _on_terminated(self, _conn: object) -> None:
+        self.lost.set()
+
+    def detach(self) -> None:
+        """Stop watching a connection we borrowed (``tick`` on the caller's connection)."""
+        self.conn.remove_termination_listener(self._on_terminated)
+
+    def fail(self) -> None:
+        """Drop the connection now: the server frees its session locks at once."""
+        self.lost.set()
+        if not self.conn.is_closed():
+            self.conn.terminate()
 
     async def fetch(self, name: str, *args: Any) -> Sequence[Row]:
         async with self._lock:
@@ -69,9 +85,6 @@ class Control:
 
     def is_closed(self) -> bool:
         return bool(self.conn.is_closed())
-
-    def terminate(self) -> None:
-        self.conn.terminate()
 
 
 def _literal(text: str) -> str:

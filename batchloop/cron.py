@@ -19,9 +19,10 @@ import asyncpg
 from .connect import connect
 from .control import Control
 from .drivers.asyncpg import AsyncpgSession
-from .loop import Bound, CallableMissing, LoopContext, NameLoop
+from .loop import Bound, LoopContext, NameLoop
 from .migrations import code_version
 from .models import TickFailure, TickReport
+from .registry import lookup, refs
 from .schema_name import DEFAULT_SCHEMA, check_name, check_schema
 
 
@@ -63,58 +64,79 @@ async def tick(
 
 
 async def _tick(conn: Any, wanted: set[str] | None, budget: float, schema: str) -> TickReport:
-    report = TickReport()
+    deadline = anyio.current_time() + budget
     control = Control(conn, schema)
+    try:
+        return await _drain(control, wanted, deadline)
+    finally:
+        control.detach()
+
+
+async def _drain(control: Control, wanted: set[str] | None, deadline: float) -> TickReport:
+    conn, schema = control.conn, control.schema
+    report = TickReport()
     await control.fetchval("check_version", code_version())
     tick_id = "tick-" + uuid.uuid4().hex[:11]
-    rows = await control.fetch("orphans", 100_000)
-    due = [r["name"] for r in rows if wanted is None or r["name"] in wanted]
+    rows = await control.fetch("orphans", 100_000, refs("work_query"), refs("worker"))
+    due = [
+        r["name"]
+        for r in rows
+        if r["stale_owner"] is None and (wanted is None or r["name"] in wanted)
+    ]
     report.checked = sorted(due) if wanted is None else sorted(wanted)
     if wanted is not None:
-        report.busy = sorted(wanted - set(due) - await _not_running(conn, schema, wanted))
+        await _classify_not_due(conn, schema, wanted - set(due), report)
 
     async def release(loop: NameLoop) -> None:
+        if conn.is_in_transaction():  # only if an iteration was cut off mid-way
+            await conn.execute("ROLLBACK")
         await control.fetchval("unlock", loop.lock_key)
 
-    with anyio.move_on_after(budget):
-        for name in due:
-            row = await control.fetchrow("claim", name, tick_id)
-            if row is None:
-                report.busy.append(name)
-                continue
-            try:
-                bound = Bound.from_row(row)
-            except CallableMissing as exc:
-                await control.fetchval("unlock", row["lock_key"])
-                report.failed.append(TickFailure(name=name, error=str(exc)))
-                continue
-            loop = NameLoop(
-                ctx=LoopContext(_OneConnection(conn), schema, release),
-                name=name,
-                generation=row["generation"],
-                lock_key=row["lock_key"],
-                bound=bound,
-                failures=row["consecutive_failures"],
-                first_delay=row["run_in"],
-                once=True,
-            )
-            try:
-                await loop.run()
-            finally:
-                report.batches += loop.batches
-                if loop.outcome in ("idle", "waiting", "stopped"):
-                    report.drained.append(name)
-                elif loop.outcome == "failed":
-                    report.failed.append(TickFailure(name=name, error=loop.last_error or "?"))
+    for name in due:
+        if anyio.current_time() >= deadline:
+            break
+        row = await control.fetchrow("claim", name, tick_id)
+        if row is None:
+            report.busy.append(name)
+            continue
+        try:
+            bound = Bound.from_row(row)
+        except Exception as exc:
+            await control.fetchval("unlock", row["lock_key"])
+            report.failed.append(TickFailure(name=name, error=str(exc)))
+            continue
+        loop = NameLoop(
+            ctx=LoopContext(_OneConnection(conn), schema, release),
+            name=name,
+            generation=row["generation"],
+            lock_key=row["lock_key"],
+            bound=bound,
+            failures=row["consecutive_failures"],
+            first_delay=row["run_in"],
+            once=True,
+            deadline=deadline,
+        )
+        try:
+            await loop.run()
+        finally:
+            report.batches += loop.batches
+            if loop.outcome in ("idle", "waiting", "stopped"):
+                report.drained.append(name)
+            elif loop.outcome == "failed":
+                report.failed.append(TickFailure(name=name, error=loop.last_error or "?"))
     return report
 
 
-async def _not_running(conn: Any, schema: str, names: set[str]) -> set[str]:
-    """Of ``names``, those with nothing to do (idle, stopped, not yet due, or unknown)."""
+async def _classify_not_due(conn: Any, schema: str, names: set[str], report: TickReport) -> None:
+    """Asked-for names that are not claimable: quiet (nothing to do), busy, or unrunnable here."""
     s = AsyncpgSession(conn, schema)
-    quiet = set()
-    for name in names:
+    for name in sorted(names):
         row = await s.fetchrow("status", name)
         if row is None or row["status"] in ("idle", "stopped", "waiting"):
-            quiet.add(name)
-    return quiet
+            continue  # nothing to do (a waiting name not yet due included)
+        if lookup(row["work_query"], "work_query") and lookup(row["worker"], "worker"):
+            report.busy.append(name)
+        else:
+            report.failed.append(
+                TickFailure(name=name, error="its callables are not registered in this process")
+            )

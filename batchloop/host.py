@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import socket
@@ -23,13 +22,13 @@ import anyio
 import asyncpg
 from anyio.abc import TaskGroup, TaskStatus
 
-from .connect import TRANSIENT, connect, create_pool
+from .connect import connect, create_pool
 from .control import Control
 from .drivers.asyncpg import AsyncpgSession
 from .errors import BatchloopError
 from .loop import Bound, CallableMissing, LoopContext, NameLoop
 from .migrations import check_version
-from .registry import import_modules, lookup
+from .registry import import_modules, lookup, refs
 from .schema_name import DEFAULT_SCHEMA, check_schema
 
 log = logging.getLogger("batchloop")
@@ -80,7 +79,14 @@ class Host:
         self.pid = os.getpid()
         self.application_name = f"batchloop/{self.host_id}"
         self._pool_sizes = (pool_min_size, pool_max_size)
-        self._connect_kwargs = dict(connect_kwargs or {})
+        kwargs = dict(connect_kwargs or {})
+        # Every connection carries the host's name, so a host that finds this one frozen can
+        # end exactly its backends.
+        kwargs["server_settings"] = {
+            **kwargs.get("server_settings", {}),
+            "application_name": self.application_name,
+        }
+        self._connect_kwargs = kwargs
         self._pool: asyncpg.Pool | None = None
         self._tg: TaskGroup | None = None
         self._runner: asyncio.Task[None] | None = None
@@ -92,6 +98,7 @@ class Host:
         self._foreign: set[str] = set()
         """Names whose callables this process lacks: wake-ups for them are left to others."""
         self._closing = False
+        self._overflowed = False
         self._drained = anyio.Event()
         self._inbox_send, self._inbox = anyio.create_memory_object_stream[str](10_000)
 
@@ -110,8 +117,7 @@ class Host:
 
     async def __aenter__(self) -> Host:
         import_modules(self.modules)
-        settings = {"application_name": self.application_name}
-        kwargs = {**self._connect_kwargs, "server_settings": settings}
+        kwargs = self._connect_kwargs
         self._pool = await create_pool(
             self.dsn,
             timeout=self.startup_timeout,
@@ -188,7 +194,7 @@ class Host:
     async def _supervise(
         self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Keep a control session up; everything else lives and dies with it."""
+        """Keep a control session up; the loops live and die with it."""
         first = True
         while True:
             try:
@@ -199,20 +205,19 @@ class Host:
                 log.exception("host %s: cannot reopen its control connection", self.host_id)
                 await anyio.sleep(1.0)
                 continue
-            lost = anyio.Event()
-            control.conn.add_termination_listener(functools.partial(_set_event, lost))
+            self._control = control
             try:
                 async with anyio.create_task_group() as tg:
                     self._session_tg = tg
-                    self._control = control
-                    tg.start_soon(self._watch, lost, tg)
-                    tg.start_soon(self._heartbeat, lost)
+                    tg.start_soon(self._heartbeat, control)
                     tg.start_soon(self._dispatch)
                     await self._monitor_tick()
                     tg.start_soon(self._monitor)
                     if first:
                         task_status.started()
                         first = False
+                    await control.lost.wait()
+                    tg.cancel_scope.cancel()
             except Exception:
                 log.exception("host %s: control session failed", self.host_id)
             finally:
@@ -220,48 +225,34 @@ class Host:
                 self._loops.clear()
                 self._claiming.clear()
                 if not self._closing:
-                    control.terminate()
+                    control.fail()
             if self._closing:
                 return
             log.warning("host %s lost its control connection; reconnecting", self.host_id)
 
     async def _open_control(self, retry_for: float | None) -> Control:
-        conn = await connect(
-            self.dsn,
-            timeout=retry_for,
-            **{
-                **self._connect_kwargs,
-                "server_settings": {"application_name": self.application_name},
-            },
-        )
+        conn = await connect(self.dsn, timeout=retry_for, **self._connect_kwargs)
         control = Control(conn, self.schema)
         try:
             await control.fetchval("register_host", self.host_id, self.hostname, self.pid)
             await control.listen(self._on_notify)
         except BaseException:
-            control.terminate()
+            control.fail()
             raise
         return control
 
-    async def _watch(self, lost: anyio.Event, tg: TaskGroup) -> None:
-        await lost.wait()
-        if not self._closing:
-            tg.cancel_scope.cancel()
-
-    async def _heartbeat(self, lost: anyio.Event) -> None:
-        control = self._control
-        assert control is not None
+    async def _heartbeat(self, control: Control) -> None:
         while True:
             await anyio.sleep(self._heartbeat_every())
             try:
                 alive = await control.fetchval("heartbeat", self.host_id)
             except Exception as exc:
                 log.warning("host %s: heartbeat failed: %s", self.host_id, exc)
-                lost.set()
+                control.fail()
                 return
             if alive is None:
                 log.error("host %s was declared dead by another host; resetting", self.host_id)
-                lost.set()
+                control.fail()
                 return
 
     def _heartbeat_every(self) -> float:
@@ -275,7 +266,9 @@ class Host:
         try:
             self._inbox_send.send_nowait(payload)
         except anyio.WouldBlock:
-            log.warning("host %s: wake-up inbox full; the monitor will catch up", self.host_id)
+            # A dropped wake-up may have been for a name we own and sleep on (waiting); the
+            # next monitor tick re-arms every owned loop from the database.
+            self._overflowed = True
 
     async def _dispatch(self) -> None:
         async for payload in self._inbox:
@@ -302,27 +295,26 @@ class Host:
     async def _monitor_tick(self) -> None:
         """One query for all names: claim orphans, and end owners that stopped heartbeating."""
         control = self._control
-        if control is None or self._closing:
+        if control is None or self._closing or control.lost.is_set():
             return
+        if self._overflowed:
+            self._overflowed = False
+            for loop in list(self._loops.values()):
+                loop.wake()
         try:
-            rows = await control.fetch("orphans", 500)
+            rows = await control.fetch("orphans", 500, refs("work_query"), refs("worker"))
         except Exception as exc:
-            if isinstance(exc, (*TRANSIENT, asyncpg.InterfaceError)):
-                log.warning("host %s: monitor query failed: %s", self.host_id, exc)
-                return
-            raise
+            log.warning("host %s: monitor query failed: %s", self.host_id, exc)
+            if not isinstance(exc, asyncpg.PostgresError):
+                control.fail()  # timed out or broken: start a fresh session
+            return
         for row in rows:
-            stale = row["stale_owner"]
+            name, stale = row["name"], row["stale_owner"]
             if stale is not None:
                 if stale != self.host_id:
-                    await self._end_host(stale)
-                continue
-            name = row["name"]
-            if not self._runnable(row["work_query"], row["worker"]):
-                self._foreign.add(name)
-                continue
-            self._foreign.discard(name)
-            if name not in self._loops:
+                    await self._end_host(control, stale)
+            elif self._runnable(row["work_query"], row["worker"]):
+                self._foreign.discard(name)
                 await self._claim(name)
 
     def _runnable(self, query_ref: str, worker_ref: str) -> bool:
@@ -339,38 +331,60 @@ class Host:
             )
         return False
 
-    async def _end_host(self, host_id: str) -> None:
-        control = self._control
-        assert control is not None
-        ended = await control.fetchval("terminate_host", f"batchloop/{host_id}")
-        await control.fetchval("forget_host", host_id)
+    async def _end_host(self, control: Control, host_id: str) -> None:
+        try:
+            ended = await control.fetchval("terminate_host", f"batchloop/{host_id}")
+            await control.fetchval("forget_host", host_id)
+        except Exception as exc:
+            log.error("host %s: could not end frozen host %s: %s", self.host_id, host_id, exc)
+            return
         log.error(
             "host %s stopped heartbeating; terminated its %s backend(s) to take over its names",
             host_id,
             ended,
         )
 
+    def _session_alive(self) -> bool:
+        control, tg = self._control, self._session_tg
+        return (
+            control is not None
+            and tg is not None
+            and not self._closing
+            and not control.lost.is_set()
+            and not tg.cancel_scope.cancel_called
+        )
+
     async def _claim(self, name: str) -> None:
         control, tg = self._control, self._session_tg
-        if (
-            control is None
-            or tg is None
-            or self._closing
-            or name in self._loops
-            or name in self._claiming
-        ):
+        if not self._session_alive() or name in self._loops or name in self._claiming:
             return
+        assert control is not None and tg is not None
         self._claiming.add(name)
         try:
-            row = await control.fetchrow("claim", name, self.host_id)
+            try:
+                row = await control.fetchrow("claim", name, self.host_id)
+            except asyncpg.PostgresError as exc:
+                log.warning("host %s: claim of %r failed: %s", self.host_id, name, exc)
+                return  # the claim function released the name's lock itself
+            except Exception as exc:
+                # Did the claim take the lock? Unknown: drop the session, and every lock.
+                log.warning("host %s: claim of %r failed: %s", self.host_id, name, exc)
+                control.fail()
+                return
             if row is None:
+                return
+            if not self._session_alive():
+                await self._unlock(control, row["lock_key"])
                 return
             try:
                 bound = Bound.from_row(row)
-            except CallableMissing:
-                self._runnable(row["work_query"], row["worker"])
-                self._foreign.add(name)
-                await control.fetchval("unlock", row["lock_key"])
+            except Exception as exc:
+                if isinstance(exc, CallableMissing):
+                    self._runnable(row["work_query"], row["worker"])
+                    self._foreign.add(name)
+                else:
+                    log.error("host %s: cannot run %r: %s", self.host_id, name, exc)
+                await self._unlock(control, row["lock_key"])
                 return
             loop = NameLoop(
                 ctx=LoopContext(self.pool, self.schema, self._release),
@@ -387,6 +401,13 @@ class Host:
         finally:
             self._claiming.discard(name)
 
+    async def _unlock(self, control: Control, key: int) -> None:
+        try:
+            await control.fetchval("unlock", key)
+        except Exception as exc:
+            log.warning("host %s: unlock failed (%s); dropping the session", self.host_id, exc)
+            control.fail()
+
     async def _release(self, loop: NameLoop) -> None:
         """A loop ended: unlock its name, then re-check it (a ping may have raced us)."""
         if self._loops.get(loop.name) is loop:
@@ -394,14 +415,11 @@ class Host:
         if not self._loops:
             self._drained.set()
         control = self._control
-        if control is None or self._closing or control.is_closed():
-            return
-        try:
-            await control.fetchval("unlock", loop.lock_key)
-            if not loop.unrunnable:
-                await self._claim(loop.name)
-        except Exception as exc:
-            log.warning("host %s: releasing %r failed: %s", self.host_id, loop.name, exc)
+        if control is None or not self._session_alive():
+            return  # closing keeps locks for the goodbye; a dying session loses them anyway
+        await self._unlock(control, loop.lock_key)
+        if not loop.unrunnable:
+            await self._claim(loop.name)
 
     # ------------------------------------------------------------------ shutdown
 
@@ -427,10 +445,6 @@ class Host:
             log.warning("host %s: goodbye failed: %s", self.host_id, exc)
         finally:
             await control.conn.close(timeout=2.0)
-
-
-def _set_event(event: anyio.Event, *_args: object) -> None:
-    event.set()
 
 
 async def _schema_version(s: AsyncpgSession) -> int | None:

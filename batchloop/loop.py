@@ -91,8 +91,11 @@ class NameLoop:
     unrunnable: bool = False
     once: bool = False
     """A tick's drain pass: no cooldown polling, stop at the first failure or sleep."""
+    deadline: float | None = None
+    """A tick's budget end (``anyio.current_time()``): no iteration starts after it."""
     outcome: str = "cancelled"
-    """Why run() returned: idle, waiting, superseded, failed, stopped, unrunnable, cancelled."""
+    """Why run() returned: idle, waiting, superseded, failed, stopped, unrunnable, budget,
+    cancelled."""
     batches: int = 0
     last_error: str | None = None
 
@@ -105,6 +108,9 @@ class NameLoop:
         try:
             delay = self.first_delay
             while not self.stopping:
+                if self.deadline is not None and anyio.current_time() + delay >= self.deadline:
+                    self.outcome = "budget"
+                    break
                 if delay > 0 and await self._sleep(delay):
                     if self.stopping:
                         break
@@ -144,10 +150,14 @@ class NameLoop:
 
     async def _rearm(self) -> float | None:
         """After a poke: how long until we should run, per the database (None: give up)."""
-        async with self.ctx.pool.acquire() as conn:
-            row = await AsyncpgSession(conn, self.ctx.schema).fetchrow(
-                "run_in", self.name, self.generation
-            )
+        try:
+            async with self.ctx.pool.acquire() as conn:
+                row = await AsyncpgSession(conn, self.ctx.schema).fetchrow(
+                    "run_in", self.name, self.generation
+                )
+        except Exception as exc:
+            log.warning("loop %r: re-reading its state failed (%s); running now", self.name, exc)
+            return 0.0  # the iteration's fence decides, and its failure path backs off
         if row is None or row["status"] in ("idle", "stopped"):
             return None
         return float(row["run_in"])
@@ -172,7 +182,8 @@ class NameLoop:
             return decision
 
     async def _iterate(self) -> Decision:
-        async with self.ctx.pool.acquire() as conn, conn.transaction():
+        # READ COMMITTED whatever the server default: the go-idle re-read needs a fresh snapshot.
+        async with self.ctx.pool.acquire() as conn, conn.transaction(isolation="read_committed"):
             s = AsyncpgSession(conn, self.ctx.schema)
             fence = await s.fetchrow("fence", self.name, self.generation)
             if fence is None:

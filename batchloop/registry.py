@@ -109,6 +109,11 @@ def lookup(ref: str, kind: Kind) -> Registered | None:
     return entry if entry is not None and entry.kind == kind else None
 
 
+def refs(kind: Kind) -> list[str]:
+    """Every ref registered in this process as ``kind``."""
+    return [ref for ref, entry in _registry.items() if entry.kind == kind]
+
+
 def import_modules(modules: Iterable[str]) -> None:
     """Import the modules whose decorators register this host's callables."""
     for module in modules:

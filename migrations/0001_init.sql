@@ -129,6 +129,7 @@ BEGIN
     END IF;
 
     IF changed THEN
+        PERFORM 1 FROM worker_state WHERE name = p_name FOR UPDATE;  -- lock order: state first
         UPDATE workers SET work_query = p_work_query, worker = p_worker, config = cfg,
                revision = revision + 1, updated_at = now()
          WHERE name = p_name;
@@ -181,8 +182,10 @@ BEGIN
     RETURN 'started';
 END $$;
 
--- claim: run on a host's control connection. Takes the name's session lock, then bumps the
--- generation. Never blocks: a row still locked by a previous owner's iteration means "later".
+-- claim: run on a host's control connection. Never blocks: a state or worker row locked by an
+-- in-flight iteration or a ping's open transaction means "not now" (the monitor retries).
+-- Row locks come first and the name's session lock last, and any error after taking the
+-- session lock releases it (a session lock survives the statement's rollback).
 CREATE FUNCTION claim(p_name text, p_host text)
 RETURNS TABLE (generation bigint, status text, revision bigint, work_query text, worker text,
                config jsonb, consecutive_failures integer, run_in float8, since_work float8,
@@ -190,30 +193,33 @@ RETURNS TABLE (generation bigint, status text, revision bigint, work_query text,
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 DECLARE
     k bigint;
-    g bigint;
+    st text;
 BEGIN
-    SELECT w.lock_key INTO k FROM workers w WHERE w.name = p_name AND w.status IN ('running', 'waiting');
-    IF NOT FOUND OR NOT pg_try_advisory_lock(k) THEN
-        RETURN;
-    END IF;
-    SELECT s.generation INTO g FROM worker_state s
-     WHERE s.name = p_name
-       AND EXISTS (SELECT 1 FROM workers w WHERE w.name = p_name AND w.status IN ('running', 'waiting'))
-       FOR UPDATE SKIP LOCKED;
+    PERFORM 1 FROM worker_state s WHERE s.name = p_name FOR UPDATE SKIP LOCKED;
     IF NOT FOUND THEN
-        PERFORM pg_advisory_unlock(k);
         RETURN;
     END IF;
-    UPDATE workers w SET status = 'running', updated_at = now()
-     WHERE w.name = p_name AND w.status = 'waiting'
-       AND (SELECT s.next_run_at <= now() FROM worker_state s WHERE s.name = p_name);
-    UPDATE worker_state s SET generation = s.generation + 1, owner_host = p_host WHERE s.name = p_name;
-    RETURN QUERY
-        SELECT s.generation, w.status, w.revision, w.work_query, w.worker, w.config,
-               s.consecutive_failures,
-               greatest(0, coalesce(extract(epoch FROM s.next_run_at - now()), 0))::float8,
-               coalesce(extract(epoch FROM now() - s.last_work_at), 1e9)::float8,
-               w.lock_key
-          FROM worker_state s JOIN workers w USING (name)
+    SELECT w.lock_key, w.status INTO k, st FROM workers w WHERE w.name = p_name
+       FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND OR st NOT IN ('running', 'waiting') OR NOT pg_try_advisory_lock(k) THEN
+        RETURN;
+    END IF;
+    BEGIN
+        UPDATE workers w SET status = 'running', updated_at = now()
+         WHERE w.name = p_name AND w.status = 'waiting'
+           AND (SELECT s.next_run_at <= now() FROM worker_state s WHERE s.name = p_name);
+        UPDATE worker_state s SET generation = s.generation + 1, owner_host = p_host
          WHERE s.name = p_name;
+        RETURN QUERY
+            SELECT s.generation, w.status, w.revision, w.work_query, w.worker, w.config,
+                   s.consecutive_failures,
+                   greatest(0, coalesce(extract(epoch FROM s.next_run_at - now()), 0))::float8,
+                   coalesce(extract(epoch FROM now() - s.last_work_at), 1e9)::float8,
+                   w.lock_key
+              FROM worker_state s JOIN workers w USING (name)
+             WHERE s.name = p_name;
+    EXCEPTION WHEN OTHERS OR query_canceled THEN
+        PERFORM pg_advisory_unlock(k);
+        RAISE;
+    END;
 END $$;

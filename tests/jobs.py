@@ -36,6 +36,9 @@ class Knobs:
     entered: asyncio.Event = field(default_factory=asyncio.Event)
     debounce: float | None = None
     sleep: float = 0.0
+    idle_gate: asyncio.Event | None = None
+    """If set, the work query, having found nothing, waits for it before returning Idle."""
+    idle_entered: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 KNOBS: dict[str, Knobs] = {}
@@ -57,6 +60,9 @@ async def next_items(conn: Any, name: str) -> bl.Work[list[int]] | bl.Idle:
         "SELECT id FROM items WHERE name = $1 ORDER BY id LIMIT $2", name, k.limit
     )
     if not rows:
+        if k.idle_gate is not None:
+            k.idle_entered.set()
+            await k.idle_gate.wait()
         return k.idle
     return bl.Work([r["id"] for r in rows])
 

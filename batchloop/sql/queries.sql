@@ -53,9 +53,10 @@ ON CONFLICT (host_id) DO UPDATE SET heartbeat_at = now()
 UPDATE {schema}.hosts SET heartbeat_at = now() WHERE host_id = $1 RETURNING host_id
 
 -- name: orphans
--- One query per monitor tick for all names: running or due-waiting workers whose session lock
--- nobody holds (claimable now), or whose owner's heartbeat is older than the name's monitor_lag
--- (frozen or cut off: its backends must be terminated first).
+-- One query per monitor tick for all names. Returns running or due-waiting workers that this
+-- process can run ($2, $3: its registered refs) and whose session lock nobody holds (claim
+-- them), and any whose owner's heartbeat is older than the name's monitor_lag (a frozen or
+-- cut-off host: stale_owner; its backends must be terminated first). Most overdue first.
 WITH held AS (
     SELECT (classid::bigint << 32) | objid::bigint AS key
       FROM pg_locks
@@ -68,8 +69,10 @@ SELECT w.name, w.work_query, w.worker,
   JOIN {schema}.worker_state s USING (name)
   LEFT JOIN {schema}.hosts h ON h.host_id = s.owner_host
  WHERE (w.status = 'running' OR (w.status = 'waiting' AND s.next_run_at <= now()))
-   AND (w.lock_key NOT IN (SELECT key FROM held)
+   AND ((w.lock_key NOT IN (SELECT key FROM held)
+         AND w.work_query = ANY($2::text[]) AND w.worker = ANY($3::text[]))
         OR h.heartbeat_at < now() - make_interval(secs => (w.config->>'monitor_lag')::float8))
+ ORDER BY s.next_run_at NULLS FIRST
  LIMIT $1
 
 -- name: terminate_host
