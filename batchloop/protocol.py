@@ -88,6 +88,13 @@ missed (connection lost, host starting), so nothing depends on it for correctnes
   because a ping may have woken it while the lock was still held and the other hosts' claims
   failed.
 
+Claims never wait. ``claim()`` locks the name's rows with ``SKIP LOCKED`` (a row held by an
+in-flight iteration or an open ping transaction means "try again next tick"), takes the session
+lock last, and releases it if anything fails after that, because a session lock survives the
+statement's rollback. A control connection whose state is in doubt (a timed-out statement, a
+missed heartbeat, a host row deleted by another host) is terminated at once rather than reused,
+which hands its names to the other hosts immediately.
+
 Recovery bounds
 ---------------
 * Owner process dies or loses its connection: the server drops its session locks at once; the
