@@ -17,8 +17,8 @@ import pytest
 import batchloop as bl
 
 from helpers import wait_for
+from invariants import assert_invariants
 from jobs import create_tables, insert_and_ping
-from test_ownership import assert_invariants
 
 pytestmark = pytest.mark.anyio
 HERE = Path(__file__).parent

@@ -12,6 +12,7 @@ import pytest
 import batchloop as bl
 
 from helpers import wait_for
+from invariants import assert_invariants
 from jobs import create_tables, insert_and_ping, knobs, next_items, process_items
 
 pytestmark = pytest.mark.anyio
@@ -19,33 +20,6 @@ pytestmark = pytest.mark.anyio
 
 async def _count(conn: Any, sql: str, *args: Any) -> int:
     return int(await conn.fetchval(sql, *args))
-
-
-async def assert_invariants(conn: Any, expected_items: int) -> None:
-    """No item lost or processed twice; per name, committed batches never overlap in time and
-    their generations never go backwards."""
-    assert await _count(conn, "SELECT count(*) FROM done") == expected_items
-    assert await _count(conn, "SELECT count(DISTINCT item_id) FROM done") == expected_items
-    assert await _count(conn, "SELECT count(*) FROM items") == 0
-    overlaps = await conn.fetch(
-        """
-        WITH b AS (SELECT DISTINCT name, generation, pid, started, finished FROM done)
-        SELECT x.name FROM b x JOIN b y
-          ON x.name = y.name AND (x.started, x.pid) < (y.started, y.pid)
-         AND x.started < y.finished AND y.started < x.finished
-        """
-    )
-    assert overlaps == [], f"overlapping batches: {overlaps}"
-    backwards = await conn.fetch(
-        """
-        WITH b AS (SELECT DISTINCT name, generation, started FROM done)
-        SELECT name FROM (
-            SELECT name, generation < lag(generation) OVER (PARTITION BY name ORDER BY started)
-                   AS back FROM b) t
-         WHERE back
-        """
-    )
-    assert backwards == [], f"generations went backwards: {backwards}"
 
 
 async def test_two_hosts_never_overlap_on_a_name(migrated_dsn: str) -> None:
