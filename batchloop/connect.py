@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import socket
 from typing import Any
 
 import asyncpg
@@ -34,6 +36,33 @@ class ConnectError(BatchloopError):
     """The database could not be reached with the given DSN."""
 
 
+KEEPALIVE = {"idle": 10, "interval": 5, "count": 3}
+"""TCP keepalive on both ends: a silently dead peer is noticed in about 25 s (10 + 3 x 5)."""
+
+SERVER_KEEPALIVE = {
+    "tcp_keepalives_idle": str(KEEPALIVE["idle"]),
+    "tcp_keepalives_interval": str(KEEPALIVE["interval"]),
+    "tcp_keepalives_count": str(KEEPALIVE["count"]),
+}
+
+
+def keepalive(conn: asyncpg.Connection) -> None:
+    """Let the client notice a half-open TCP connection (asyncpg has no option for it)."""
+    transport = getattr(conn, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE["idle"])
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE["interval"])
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE["count"])
+
+
+async def _init(conn: asyncpg.Connection) -> None:
+    keepalive(conn)
+
+
 def redact(dsn: str | None) -> str:
     if not dsn:
         return "the default (PG* environment) server"
@@ -61,6 +90,7 @@ async def connect(dsn: str | None, *, timeout: float | None, **kwargs: Any) -> a
         async for attempt in retrying(timeout):
             with attempt:
                 conn: asyncpg.Connection = await asyncpg.connect(dsn, **kwargs)
+                keepalive(conn)
                 return conn
     except (asyncpg.PostgresError, ValueError, *TRANSIENT) as exc:  # type: ignore[misc]
         raise _clear(exc, dsn) from exc
@@ -74,7 +104,7 @@ async def create_pool(
         async for attempt in retrying(timeout):
             with attempt:
                 pool: asyncpg.Pool = await asyncpg.create_pool(
-                    dsn, min_size=min_size, max_size=max_size, **kwargs
+                    dsn, min_size=min_size, max_size=max_size, init=_init, **kwargs
                 )
                 return pool
     except (asyncpg.PostgresError, ValueError, *TRANSIENT) as exc:  # type: ignore[misc]

@@ -27,6 +27,7 @@ class Control:
         self.conn = conn
         self.schema = schema
         self._lock = anyio.Lock()
+        self.pid: int = conn.get_server_pid()
         self.lost = anyio.Event()
         """Set once the connection is gone or distrusted; the host then starts a new session."""
         conn.add_termination_listener(self._on_terminated)

@@ -22,7 +22,7 @@ import anyio
 import asyncpg
 from anyio.abc import TaskGroup, TaskStatus
 
-from .connect import connect, create_pool
+from .connect import SERVER_KEEPALIVE, connect, create_pool
 from .control import Control
 from .drivers.asyncpg import AsyncpgSession
 from .errors import BatchloopError
@@ -83,6 +83,7 @@ class Host:
         # Every connection carries the host's name, so a host that finds this one frozen can
         # end exactly its backends.
         kwargs["server_settings"] = {
+            **SERVER_KEEPALIVE,  # the server, too, drops a client that vanished
             **kwargs.get("server_settings", {}),
             "application_name": self.application_name,
         }
@@ -99,6 +100,7 @@ class Host:
         """Names whose callables this process lacks: wake-ups for them are left to others."""
         self._closing = False
         self._overflowed = False
+        self._zombie_control: set[int] = set()
         self._drained = anyio.Event()
         self._inbox_send, self._inbox = anyio.create_memory_object_stream[str](10_000)
 
@@ -118,13 +120,14 @@ class Host:
     async def __aenter__(self) -> Host:
         import_modules(self.modules)
         kwargs = self._connect_kwargs
-        self._pool = await create_pool(
+        pool = self._pool = await create_pool(
             self.dsn,
             timeout=self.startup_timeout,
             min_size=self._pool_sizes[0],
             max_size=self._pool_sizes[1],
             **kwargs,
         )
+        self._ctx = LoopContext(pool, self.schema, self._release)
         try:
             async with self._pool.acquire() as conn:
                 found = await _schema_version(AsyncpgSession(conn, self.schema))
@@ -206,6 +209,7 @@ class Host:
                 await anyio.sleep(1.0)
                 continue
             self._control = control
+            await self._end_zombies(control)
             try:
                 async with anyio.create_task_group() as tg:
                     self._session_tg = tg
@@ -228,7 +232,30 @@ class Host:
                     control.fail()
             if self._closing:
                 return
+            self._zombie_control.add(control.pid)
             log.warning("host %s lost its control connection; reconnecting", self.host_id)
+
+    async def _end_zombies(self, control: Control) -> None:
+        """Before claiming anything, end what the previous session may have left running.
+
+        A control connection or iteration lost to a half-open socket can live on at the server,
+        holding the name's session lock or state row lock, and nobody else would end it: this
+        host's heartbeat is fresh again. So the host ends them itself.
+        """
+        old_control, old_work = list(self._zombie_control), list(self._ctx.in_flight)
+        if not old_control and not old_work:
+            return
+        try:
+            ended = await control.fetchval(
+                "end_zombies", old_control, old_work, self.application_name
+            )
+        except Exception as exc:
+            log.warning("host %s: ending its old backends failed: %s", self.host_id, exc)
+            return
+        self._zombie_control.clear()
+        self._ctx.in_flight.clear()
+        if ended:
+            log.warning("host %s ended %d backend(s) of its lost session", self.host_id, ended)
 
     async def _open_control(self, retry_for: float | None) -> Control:
         conn = await connect(self.dsn, timeout=retry_for, **self._connect_kwargs)
@@ -387,7 +414,7 @@ class Host:
                 await self._unlock(control, row["lock_key"])
                 return
             loop = NameLoop(
-                ctx=LoopContext(self.pool, self.schema, self._release),
+                ctx=self._ctx,
                 name=name,
                 generation=row["generation"],
                 lock_key=row["lock_key"],

@@ -74,6 +74,9 @@ class LoopContext:
     pool: ConnectionSource
     schema: str
     release: Callable[[NameLoop], Awaitable[None]]
+    in_flight: set[int] = field(default_factory=set)
+    """Server pids of connections inside an iteration: if the host loses its session, these
+    may be zombies still holding row locks, and it ends them before claiming again."""
 
 
 @dataclass(slots=True)
@@ -183,7 +186,21 @@ class NameLoop:
 
     async def _iterate(self) -> Decision:
         # READ COMMITTED whatever the server default: the go-idle re-read needs a fresh snapshot.
-        async with self.ctx.pool.acquire() as conn, conn.transaction(isolation="read_committed"):
+        async with self.ctx.pool.acquire() as conn:
+            pid = conn.get_server_pid()
+            self.ctx.in_flight.add(pid)
+            try:
+                decision = await self._transaction(conn)
+            except anyio.get_cancelled_exc_class():
+                raise  # the pid stays listed: its backend may live on, locks and all
+            except BaseException:
+                self.ctx.in_flight.discard(pid)
+                raise
+            self.ctx.in_flight.discard(pid)
+            return decision
+
+    async def _transaction(self, conn: Any) -> Decision:
+        async with conn.transaction(isolation="read_committed"):
             s = AsyncpgSession(conn, self.ctx.schema)
             fence = await s.fetchrow("fence", self.name, self.generation)
             if fence is None:

@@ -41,6 +41,10 @@ UPDATE`` of its ``worker_state`` row *where the generation is still its own*. So
   old loop's batch either commits before the bump, or rolls back;
 * after the bump commits, an old loop's fence finds no row and it exits without writing.
 
+``stop`` first takes the name's ``stop`` advisory lock exclusively; every fence try-locks it
+shared, so once a stop is waiting for the in-flight batch no further batch can start (row locks
+alone are not granted in arrival order, and a busy loop could otherwise keep winning the row).
+
 At most one generation commits batches at a time, whatever the session locks say. The session
 lock is only the fast path that tells hosts who should run a name; the fence is what makes a
 superseded or zombie loop harmless (for instance one whose control connection was terminated

@@ -139,11 +139,15 @@ BEGIN
 END $$;
 
 -- stop: fences any in-flight loop (generation bump waits for its iteration's row lock).
+-- The exclusive 'stop' lock comes first: every iteration's fence try-locks it shared, and a
+-- try-lock fails while an exclusive request waits, so the loop cannot slip more batches in
+-- between the in-flight one committing and this bump (row locks are not granted in order).
 CREATE FUNCTION stop_worker(p_name text, p_code_version integer) RETURNS text
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 DECLARE k bigint;
 BEGIN
     PERFORM check_version(p_code_version);
+    PERFORM pg_advisory_xact_lock(lock_key('stop', p_name));
     UPDATE worker_state SET generation = generation + 1, owner_host = NULL, next_run_at = NULL
      WHERE name = p_name;
     IF NOT FOUND THEN

@@ -92,7 +92,8 @@ async def test_claim_skips_a_row_a_producer_holds_and_comes_back(migrated_dsn: s
         held_locks = await _count(
             conn,
             "SELECT count(*) FROM pg_locks"
-            " WHERE locktype = 'advisory' AND granted AND mode = 'ExclusiveLock'",
+            " WHERE locktype = 'advisory' AND granted AND mode = 'ExclusiveLock'"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
         )
         assert held_locks == 0, "a skipped claim leaked its session lock"
         await tr.commit()

@@ -82,15 +82,25 @@ SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))
   FROM pg_stat_activity
  WHERE application_name = $1 AND pid <> pg_backend_pid()
 
+-- name: end_zombies
+-- After a lost session: end this host's old control backend ($1, it may still hold session
+-- locks behind a half-open socket) and old iteration backends still inside a transaction ($2).
+SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))
+  FROM pg_stat_activity
+ WHERE application_name = $3 AND pid <> pg_backend_pid()
+   AND (pid = ANY($1::int[]) OR (pid = ANY($2::int[]) AND state <> 'idle'))
+
 -- name: forget_host
 DELETE FROM {schema}.hosts WHERE host_id = $1
 
 -- name: fence
 -- First statement of every iteration: locks this name's state row for the transaction, so a
 -- claim or stop (which bump the generation) waits for us, and we see theirs if they came first.
+-- No row also when a stop is waiting for the in-flight batch (see stop_worker).
 SELECT w.status, w.revision, extract(epoch FROM now() - s.last_work_at)::float8 AS since_work
   FROM {schema}.worker_state s JOIN {schema}.workers w USING (name)
  WHERE s.name = $1 AND s.generation = $2
+   AND pg_try_advisory_xact_lock_shared({schema}.lock_key('stop', s.name))
    FOR UPDATE OF s
 
 -- name: load_worker
