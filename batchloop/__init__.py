@@ -10,6 +10,7 @@ from .errors import (
     NotRegisteredError,
     SchemaMissingError,
     SchemaTooNewError,
+    SessionRequiredError,
 )
 from .host import Host
 from .migrations import migrate
@@ -26,6 +27,7 @@ __all__ = [
     "Owner",
     "SchemaMissingError",
     "SchemaTooNewError",
+    "SessionRequiredError",
     "TickReport",
     "Work",
     "WorkerStatus",

@@ -18,7 +18,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from .errors import BatchloopError
+from .errors import BatchloopError, SessionRequiredError
 
 log = logging.getLogger("batchloop")
 
@@ -39,11 +39,13 @@ class ConnectError(BatchloopError):
 KEEPALIVE = {"idle": 10, "interval": 5, "count": 3}
 """TCP keepalive on both ends: a silently dead peer is noticed in about 25 s (10 + 3 x 5)."""
 
-SERVER_KEEPALIVE = {
-    "tcp_keepalives_idle": str(KEEPALIVE["idle"]),
-    "tcp_keepalives_interval": str(KEEPALIVE["interval"]),
-    "tcp_keepalives_count": str(KEEPALIVE["count"]),
-}
+SERVER_KEEPALIVE = (
+    f"SET tcp_keepalives_idle = {KEEPALIVE['idle']}; "
+    f"SET tcp_keepalives_interval = {KEEPALIVE['interval']}; "
+    f"SET tcp_keepalives_count = {KEEPALIVE['count']}"
+)
+"""Set after connecting, not sent as startup parameters: PgBouncer refuses a connection whose
+startup packet carries parameters it does not know ("unsupported startup parameter")."""
 
 
 def keepalive(conn: asyncpg.Connection) -> None:
@@ -59,8 +61,14 @@ def keepalive(conn: asyncpg.Connection) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE["count"])
 
 
+async def server_keepalive(conn: asyncpg.Connection) -> None:
+    """Let the server, too, drop a client that vanished."""
+    await conn.execute(SERVER_KEEPALIVE)
+
+
 async def _init(conn: asyncpg.Connection) -> None:
     keepalive(conn)
+    await server_keepalive(conn)
 
 
 def redact(dsn: str | None) -> str:
@@ -110,3 +118,59 @@ async def create_pool(
     except (asyncpg.PostgresError, ValueError, *TRANSIENT) as exc:  # type: ignore[misc]
         raise _clear(exc, dsn) from exc
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+SESSION_HELP = (
+    "batchloop's control connection needs a database session of its own (it holds session "
+    "advisory locks and LISTENs for wake-ups), but {where} is served by a transaction- or "
+    "statement-pooling proxy such as PgBouncer with pool_mode=transaction ({evidence}). "
+    "Connect hosts to PostgreSQL directly or through a session-mode pool, or keep the pool on "
+    "the proxy and give the control connection a direct DSN: Host(dsn, control_dsn=...)."
+)
+
+
+async def check_dedicated_session(
+    conn: asyncpg.Connection, dsn: str | None, *, probes: int = 3, **connect_kwargs: Any
+) -> None:
+    """Raise SessionRequiredError unless ``conn`` is one server session that nobody else uses.
+
+    On a direct connection this costs one query: PostgreSQL's startup message (BackendKeyData)
+    carries the backend's pid, so it equals ``pg_backend_pid()``. A pooler cannot forward a
+    real key when a client may be served by several backends, so PgBouncer (in any pool mode)
+    sends a key of its own and the two differ. Then, to tell session pooling (fine: the
+    server connection stays ours) from transaction or statement pooling, a probe connection
+    to the same DSN holds a transaction open while ``conn`` asks for its backend again: a
+    transaction pooler gives the probe our just-released backend (PgBouncer reuses the most
+    recently used server first) or gives us another one; a session pooler does neither.
+    Statement pooling refuses the probe's transaction outright. The probe is repeated so that
+    a busy pool (another client grabbing our backend first) cannot hide the pooling.
+    """
+    try:
+        pid = await conn.fetchval("SELECT pg_backend_pid()")
+        if conn.get_server_pid() == pid:
+            return
+        for _ in range(probes):
+            probe = await asyncpg.connect(dsn, **connect_kwargs)
+            try:
+                async with probe.transaction():
+                    probe_pid = await probe.fetchval("SELECT pg_backend_pid()")
+                    again = await conn.fetchval("SELECT pg_backend_pid()")
+            finally:
+                await probe.close()
+            if probe_pid == pid or again != pid:
+                raise SessionRequiredError(
+                    SESSION_HELP.format(
+                        where=redact(dsn),
+                        evidence=f"backend {pid} served another client while ours moved to "
+                        f"backend {again}",
+                    )
+                )
+    except (
+        asyncpg.InvalidSQLStatementNameError,  # our cached statement is on another backend
+        asyncpg.DuplicatePreparedStatementError,  # another client's statement is on ours
+        asyncpg.ProtocolViolationError,  # statement pooling: "transaction blocks not allowed"
+        asyncpg.ConnectionDoesNotExistError,  # ... after which PgBouncer closes the probe
+    ) as exc:
+        raise SessionRequiredError(
+            SESSION_HELP.format(where=redact(dsn), evidence=f"{type(exc).__name__}: {exc}")
+        ) from exc

@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import asyncpg
 
-from .connect import connect
+from .connect import check_dedicated_session, connect
 from .control import Control
 from .drivers.asyncpg import AsyncpgSession
 from .loop import Bound, LoopContext, NameLoop
@@ -57,6 +57,7 @@ async def tick(
     if dsn_or_conn is None or isinstance(dsn_or_conn, str):
         conn = await connect(dsn_or_conn, timeout=10.0)
         try:
+            await check_dedicated_session(conn, dsn_or_conn)
             return await _tick(conn, wanted, budget, schema)
         finally:
             await conn.close()

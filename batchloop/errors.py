@@ -22,5 +22,11 @@ class SchemaTooNewError(BatchloopError):
     """The database schema was migrated by a newer batchloop than this one."""
 
 
+class SessionRequiredError(BatchloopError):
+    """A connection that must be one database session of its own (a host's control connection,
+    a tick's connection) goes through a pooler that shares server sessions between clients,
+    such as PgBouncer with ``pool_mode=transaction``."""
+
+
 class Superseded(BatchloopError):
     """This loop's generation is no longer current: another claim or a stop fenced it out."""

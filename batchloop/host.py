@@ -22,7 +22,7 @@ import anyio
 import asyncpg
 from anyio.abc import TaskGroup, TaskStatus
 
-from .connect import SERVER_KEEPALIVE, connect, create_pool
+from .connect import check_dedicated_session, connect, create_pool, redact, server_keepalive
 from .control import Control
 from .drivers.asyncpg import AsyncpgSession
 from .errors import BatchloopError
@@ -47,6 +47,13 @@ class Host:
     name's ``monitor_lag``). ``shutdown_grace``: how long an exiting host lets in-flight batches
     finish before cancelling (rolling back) them. ``startup_timeout``: how long to retry an
     unreachable database at start (None: for ever).
+
+    ``control_dsn``: where the control connection (session advisory locks, LISTEN) connects,
+    when ``dsn`` goes through a transaction-pooling proxy such as PgBouncer: a direct (or
+    session-pooled) DSN of the same database. The pool, and so every batch, still uses ``dsn``,
+    and its connections then default to ``statement_cache_size=0`` (asyncpg's named prepared
+    statements do not survive transaction pooling). Without it, the control connection uses
+    ``dsn``, and a host refuses to start through a transaction pooler (SessionRequiredError).
     """
 
     def __init__(
@@ -62,8 +69,10 @@ class Host:
         shutdown_grace: float = 10.0,
         startup_timeout: float | None = 30.0,
         connect_kwargs: dict[str, Any] | None = None,
+        control_dsn: str | None = None,
     ) -> None:
         self.dsn = dsn
+        self.control_dsn = control_dsn if control_dsn is not None else dsn
         self.modules = tuple(modules)
         self.schema = check_schema(schema)
         if not 0 < monitor_interval <= 60 or not 0 < heartbeat_interval <= 60:
@@ -83,11 +92,14 @@ class Host:
         # Every connection carries the host's name, so a host that finds this one frozen can
         # end exactly its backends.
         kwargs["server_settings"] = {
-            **SERVER_KEEPALIVE,  # the server, too, drops a client that vanished
             **kwargs.get("server_settings", {}),
             "application_name": self.application_name,
         }
         self._connect_kwargs = kwargs
+        self._pool_kwargs = dict(kwargs)
+        if control_dsn is not None:
+            self._pool_kwargs.setdefault("statement_cache_size", 0)
+        self._database: Any = None
         self._pool: asyncpg.Pool | None = None
         self._tg: TaskGroup | None = None
         self._runner: asyncio.Task[None] | None = None
@@ -101,6 +113,8 @@ class Host:
         self._closing = False
         self._overflowed = False
         self._zombie_control: set[int] = set()
+        self._cannot_end: set[str] = set()
+        """Frozen hosts this host's role may not terminate (already explained in the log)."""
         self._drained = anyio.Event()
         self._inbox_send, self._inbox = anyio.create_memory_object_stream[str](10_000)
 
@@ -119,7 +133,7 @@ class Host:
 
     async def __aenter__(self) -> Host:
         import_modules(self.modules)
-        kwargs = self._connect_kwargs
+        kwargs = self._pool_kwargs
         pool = self._pool = await create_pool(
             self.dsn,
             timeout=self.startup_timeout,
@@ -131,6 +145,7 @@ class Host:
         try:
             async with self._pool.acquire() as conn:
                 found = await _schema_version(AsyncpgSession(conn, self.schema))
+                self._database = await conn.fetchrow(_DATABASE)
             check_version(found, self.schema)
             # The host's tasks live in a task of their own, so hosts can be entered and exited
             # in any order and a host failure never cancels the caller's code.
@@ -258,9 +273,16 @@ class Host:
             log.warning("host %s ended %d backend(s) of its lost session", self.host_id, ended)
 
     async def _open_control(self, retry_for: float | None) -> Control:
-        conn = await connect(self.dsn, timeout=retry_for, **self._connect_kwargs)
+        conn = await connect(self.control_dsn, timeout=retry_for, **self._connect_kwargs)
         control = Control(conn, self.schema)
         try:
+            await check_dedicated_session(conn, self.control_dsn, **self._connect_kwargs)
+            await server_keepalive(conn)
+            if self.control_dsn != self.dsn and await conn.fetchrow(_DATABASE) != self._database:
+                raise BatchloopError(
+                    f"control_dsn ({redact(self.control_dsn)}) and dsn ({redact(self.dsn)}) "
+                    "lead to different databases"
+                )
             await control.fetchval("register_host", self.host_id, self.hostname, self.pid)
             await control.listen(self._on_notify)
         except BaseException:
@@ -362,6 +384,11 @@ class Host:
         try:
             ended = await control.fetchval("terminate_host", f"batchloop/{host_id}")
             await control.fetchval("forget_host", host_id)
+        except asyncpg.InsufficientPrivilegeError as exc:
+            if host_id not in self._cannot_end:
+                self._cannot_end.add(host_id)
+                await self._explain_cannot_end(control, host_id, exc)
+            return
         except Exception as exc:
             log.error("host %s: could not end frozen host %s: %s", self.host_id, host_id, exc)
             return
@@ -369,6 +396,27 @@ class Host:
             "host %s stopped heartbeating; terminated its %s backend(s) to take over its names",
             host_id,
             ended,
+        )
+
+    async def _explain_cannot_end(self, control: Control, host_id: str, exc: BaseException) -> None:
+        """Said once per frozen host: it keeps its names until it resumes, dies or is ended."""
+        try:
+            row = await control.fetchrow("backend_roles", f"batchloop/{host_id}")
+        except Exception:
+            row = None
+        me = row["me"] if row else "this host's role"
+        theirs = row["theirs"] if row and row["theirs"] else "another role"
+        log.error(
+            "host %s cannot take over the names of frozen host %s: %s. Its backends run as %s, "
+            "which %s may not terminate: GRANT pg_signal_backend TO %s (not enough for "
+            "superuser backends), or run every host as the same role. Its names stay with it "
+            "until it resumes or its connections drop.",
+            self.host_id,
+            host_id,
+            exc,
+            theirs,
+            me,
+            me,
         )
 
     def _session_alive(self) -> bool:
@@ -472,6 +520,13 @@ class Host:
             log.warning("host %s: goodbye failed: %s", self.host_id, exc)
         finally:
             await control.conn.close(timeout=2.0)
+
+
+_DATABASE = (
+    "SELECT current_database() AS name, pg_postmaster_start_time() AS started, "
+    "(SELECT oid FROM pg_database WHERE datname = current_database()) AS oid"
+)
+"""Which database a connection reached, to check that ``control_dsn`` and ``dsn`` agree."""
 
 
 async def _schema_version(s: AsyncpgSession) -> int | None:

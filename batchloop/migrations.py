@@ -141,12 +141,29 @@ async def migrate(dsn_or_conn: Any = None, *, schema: str = DEFAULT_SCHEMA) -> l
         finally:
             await conn.close()
     async with session_for(dsn_or_conn, schema) as s:
+        if await _up_to_date(s, schema):
+            return []
         raw = s.raw
         if isinstance(s, AsyncpgSession):
             async with raw.transaction():
                 return await _drive(plan(schema), s)
         async with raw.transaction():
             return await _drive(plan(schema), s)
+
+
+async def _up_to_date(s: Session, schema: str) -> bool:
+    """Every migration applied: then ``migrate`` only reads, so a role that may not create
+    anything (an application role, after the owner migrated) can call it at start-up."""
+    if not await s.fetchval("migrations_readable", schema):
+        return False
+    applied = {int(r["version"]) for r in await s.fetch("applied_migrations")}
+    latest = code_version()
+    if applied and max(applied) > latest:
+        raise SchemaTooNewError(
+            f"schema {schema!r} is at version {max(applied)}, newer than this batchloop "
+            f"(version {latest}): upgrade batchloop"
+        )
+    return all(m.version in applied for m in migrations())
 
 
 async def _drive(steps: Generator[Step, Sequence[Row] | None, list[int]], s: Session) -> list[int]:

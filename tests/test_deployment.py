@@ -7,9 +7,6 @@ PgBouncer tests start a throwaway ``pgbouncer`` (the Debian package; as root it 
 only when no ``pgbouncer`` binary is installed. Role tests create ``bltest_*`` roles and drop them
 afterwards; they are skipped when the tests' server user may not create roles.
 
-Tests marked ``xfail(strict=True)`` assert behaviour proposed for the library ("needs patch N",
-the numbers of docs/deployment.md's "Proposed library changes"); once a patch lands its test
-XPASSes, which fails the run until the marker is removed.
 """
 
 from __future__ import annotations
@@ -40,89 +37,14 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 import batchloop as bl
+from batchloop.connect import check_dedicated_session
+from batchloop.errors import SessionRequiredError
 
 from helpers import wait_for
 from jobs import KNOBS, Knobs, create_tables, insert_and_ping, knobs
 
 pytestmark = pytest.mark.anyio
 HERE = Path(__file__).parent
-
-
-# ============================================================================================
-# PROPOSED LIBRARY CODE (patch 1): move into batchloop/connect.py, with SessionRequiredError in
-# batchloop/errors.py (exported from batchloop). Called by Host._open_control on every new
-# control connection and by tick() when it opens its own connection from a DSN.
-# ============================================================================================
-
-
-class SessionRequiredError(bl.BatchloopError):
-    """A connection that must be one database session of its own goes through a pooler that
-    hands its server connections to other clients between transactions."""
-
-
-SESSION_HELP = (
-    "batchloop's control connection needs a database session of its own (it holds session "
-    "advisory locks and LISTENs for wake-ups), but {where} is served by a transaction- or "
-    "statement-pooling proxy such as PgBouncer with pool_mode=transaction ({evidence}). "
-    "Connect hosts to PostgreSQL directly or through a session-mode pool, or keep the pool on "
-    "the proxy and give the control connection a direct DSN: Host(dsn, control_dsn=...)."
-)
-
-
-async def check_dedicated_session(
-    conn: asyncpg.Connection, dsn: str | None, *, probes: int = 3, **connect_kwargs: Any
-) -> None:
-    """Raise SessionRequiredError unless ``conn`` is one server session that nobody else uses.
-
-    On a direct connection this costs one query: PostgreSQL's startup message (BackendKeyData)
-    carries the backend's pid, so it equals ``pg_backend_pid()``. A pooler cannot forward a
-    real key when a client may be served by several backends, so PgBouncer (in any pool mode)
-    sends a key of its own and the two differ. Then, to tell session pooling (fine: the
-    server connection stays ours) from transaction or statement pooling, a probe connection
-    to the same DSN holds a transaction open while ``conn`` asks for its backend again: a
-    transaction pooler gives the probe our just-released backend (PgBouncer reuses the most
-    recently used server first) or gives us another one; a session pooler does neither.
-    Statement pooling refuses the probe's transaction outright. The probe is repeated so that
-    a busy pool (another client grabbing our backend first) cannot hide the pooling.
-    """
-    try:
-        pid = await conn.fetchval("SELECT pg_backend_pid()")
-        if conn.get_server_pid() == pid:
-            return
-        for _ in range(probes):
-            probe = await asyncpg.connect(dsn, **connect_kwargs)
-            try:
-                async with probe.transaction():
-                    probe_pid = await probe.fetchval("SELECT pg_backend_pid()")
-                    again = await conn.fetchval("SELECT pg_backend_pid()")
-            finally:
-                await probe.close()
-            if probe_pid == pid or again != pid:
-                raise SessionRequiredError(
-                    SESSION_HELP.format(
-                        where=_redact(dsn),
-                        evidence=f"backend {pid} served another client while ours moved to "
-                        f"backend {again}",
-                    )
-                )
-    except (
-        asyncpg.InvalidSQLStatementNameError,  # our cached statement is on another backend
-        asyncpg.DuplicatePreparedStatementError,  # another client's statement is on ours
-        asyncpg.ProtocolViolationError,  # statement pooling: "transaction blocks not allowed"
-        asyncpg.ConnectionDoesNotExistError,  # ... after which PgBouncer closes the probe
-    ) as exc:
-        raise SessionRequiredError(
-            SESSION_HELP.format(where=_redact(dsn), evidence=f"{type(exc).__name__}: {exc}")
-        ) from exc
-
-
-def _redact(dsn: str | None) -> str:
-    """In the library: batchloop.connect.redact."""
-    if not dsn:
-        return "the default (PG* environment) server"
-    parts = urlsplit(dsn)
-    host = parts.hostname or "?"
-    return f"{host}:{parts.port or 5432}{parts.path}"
 
 
 # ============================================================================================
@@ -386,7 +308,6 @@ async def _warm_servers(dsn: str, n: int) -> None:
             await c.fetchval("SELECT 1")
 
 
-@pytest.mark.xfail(strict=True, reason="needs patch 1 (Host checks its control session)")
 async def test_host_refuses_transaction_pooling(migrated_dsn: str) -> None:
     async with pgbouncer(migrated_dsn) as bouncer:
         for kwargs in ({}, {"statement_cache_size": 0}):
@@ -397,7 +318,6 @@ async def test_host_refuses_transaction_pooling(migrated_dsn: str) -> None:
             assert "pool_mode=transaction" in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="needs patch 1 (tick checks its session)")
 async def test_tick_refuses_transaction_pooling(migrated_dsn: str) -> None:
     conn = await _setup(migrated_dsn)
     await insert_and_ping(conn, "tk", 3)
@@ -415,13 +335,7 @@ KEEPALIVE_PARAMETERS = "tcp_keepalives_idle, tcp_keepalives_interval, tcp_keepal
     "settings",
     [
         pytest.param({"ignore_startup_parameters": KEEPALIVE_PARAMETERS}, id="ignore-keepalives"),
-        pytest.param(
-            {},
-            id="stock-config",
-            marks=pytest.mark.xfail(
-                strict=True, reason="needs patch 0 (keepalives set after connecting)"
-            ),
-        ),
+        pytest.param({}, id="stock-config"),
     ],
 )
 async def test_host_through_session_pooling_works(
@@ -543,7 +457,6 @@ async def _psycopg_insert_and_ping(conn: psycopg.AsyncConnection[Any], name: str
         return await bl.ping(conn, name, next_items, process_items)
 
 
-@pytest.mark.xfail(strict=True, reason="needs patch 2 (Host control_dsn)")
 async def test_host_with_direct_control_dsn_and_pool_through_pgbouncer(migrated_dsn: str) -> None:
     """Proposed: Host(pooled_dsn, control_dsn=direct_dsn). Locks and LISTEN live on the direct
     control connection; the loops' transactions use the pool through the pooler, which gets
@@ -753,7 +666,6 @@ async def test_role_without_the_grants_is_refused(migrated_dsn: str, roles: Role
     await app.close()
 
 
-@pytest.mark.xfail(strict=True, reason="needs patch 4 (migrate: read-only when up to date)")
 async def test_migrate_as_app_role_is_a_no_op_when_up_to_date(
     migrated_dsn: str, roles: Roles
 ) -> None:
@@ -889,7 +801,6 @@ async def test_frozen_owner_of_another_role_needs_pg_signal_backend(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="needs patch 3 (clear, once-only takeover error)")
 async def test_failed_takeover_is_logged_once_with_the_fix(
     migrated_dsn: str, roles: Roles, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -90,6 +90,12 @@ SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))
  WHERE application_name = $3 AND pid <> pg_backend_pid()
    AND (pid = ANY($1::int[]) OR (pid = ANY($2::int[]) AND state <> 'idle'))
 
+-- name: backend_roles
+-- Who we are, and which roles a frozen host's backends run as (for a clear error).
+SELECT quote_ident(current_user::text) AS me,
+       (SELECT string_agg(DISTINCT quote_ident(usename::text), ', ')
+          FROM pg_stat_activity WHERE application_name = $1) AS theirs
+
 -- name: forget_host
 DELETE FROM {schema}.hosts WHERE host_id = $1
 
@@ -149,6 +155,14 @@ UPDATE {schema}.workers w SET status = 'waiting', updated_at = now()
 SELECT w.status, greatest(0, coalesce(extract(epoch FROM s.next_run_at - now()), 0))::float8 AS run_in
   FROM {schema}.worker_state s JOIN {schema}.workers w USING (name)
  WHERE s.name = $1 AND s.generation = $2
+
+-- name: migrations_readable
+-- Whether this role can read the migration record (catalog reads only: never raises).
+SELECT EXISTS (
+    SELECT FROM pg_catalog.pg_tables
+     WHERE schemaname = $1 AND tablename = 'schema_migrations'
+       AND has_schema_privilege(schemaname, 'USAGE')
+       AND has_table_privilege(quote_ident(schemaname) || '.schema_migrations', 'SELECT'))
 
 -- name: applied_migrations
 SELECT version FROM {schema}.schema_migrations ORDER BY version
