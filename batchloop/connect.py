@@ -11,11 +11,12 @@ from typing import Any
 import asyncpg
 from tenacity import (
     AsyncRetrying,
-    before_sleep_log,
+    RetryCallState,
     retry_if_exception_type,
-    stop_after_delay,
+    stop_before_delay,
     stop_never,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from .errors import BatchloopError, SessionRequiredError
@@ -81,13 +82,26 @@ def _clear(exc: BaseException, dsn: str | None) -> ConnectError:
     return ConnectError(f"cannot connect to PostgreSQL at {redact(dsn)}: {exc}")
 
 
-def retrying(timeout: float | None) -> AsyncRetrying:
-    """Retry transient connection failures with jittered exponential backoff, up to 5 s apart."""
+def retrying(timeout: float | None, what: str = "PostgreSQL") -> AsyncRetrying:
+    """Retry transient connection failures with jittered exponential backoff, at most 5 s apart,
+    giving up before ``timeout`` would be overrun (None: never)."""
+
+    def say(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        wait = state.next_action.sleep if state.next_action is not None else 0.0
+        log.warning(
+            "cannot reach %s (attempt %d): %s; retrying in %.1fs",
+            what,
+            state.attempt_number,
+            exc,
+            wait,
+        )
+
     return AsyncRetrying(
         retry=retry_if_exception_type(TRANSIENT),
-        wait=wait_exponential_jitter(multiplier=0.2, max=5.0),
-        stop=stop_after_delay(timeout) if timeout is not None else stop_never,
-        before_sleep=before_sleep_log(log, logging.WARNING),
+        wait=wait_exponential(multiplier=0.2, max=4.0) + wait_random(0, 1.0),
+        stop=stop_before_delay(timeout) if timeout is not None else stop_never,
+        before_sleep=say,
         reraise=True,
     )
 
@@ -95,7 +109,7 @@ def retrying(timeout: float | None) -> AsyncRetrying:
 async def connect(dsn: str | None, *, timeout: float | None, **kwargs: Any) -> asyncpg.Connection:
     """One connection; retries transient failures until ``timeout`` (None: for ever)."""
     try:
-        async for attempt in retrying(timeout):
+        async for attempt in retrying(timeout, redact(dsn)):
             with attempt:
                 conn: asyncpg.Connection = await asyncpg.connect(dsn, **kwargs)
                 keepalive(conn)
@@ -109,7 +123,7 @@ async def create_pool(
     dsn: str | None, *, timeout: float | None, min_size: int, max_size: int, **kwargs: Any
 ) -> asyncpg.Pool:
     try:
-        async for attempt in retrying(timeout):
+        async for attempt in retrying(timeout, redact(dsn)):
             with attempt:
                 pool: asyncpg.Pool = await asyncpg.create_pool(
                     dsn, min_size=min_size, max_size=max_size, init=_init, **kwargs

@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import anyio
+import asyncpg
 
 from . import decide
+from .connect import TRANSIENT
 from .decide import Decision, RunAgain, Sleep
 from .drivers.asyncpg import AsyncpgSession
 from .drivers.base import Row
@@ -36,6 +38,16 @@ from .registry import Registered, lookup
 from .status import parse_config
 
 log = logging.getLogger("batchloop")
+
+
+CONNECTION_LOST: tuple[type[BaseException], ...] = (
+    *TRANSIENT,
+    asyncpg.InterfaceError,  # the connection was closed under us
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,  # 57xxx: terminated backend, shutdown, restart
+)
+"""Failures of the database connection rather than of the user's code: logged without a
+traceback (a server restart is not a bug), but counted and retried like any failure."""
 
 
 class CallableMissing(Exception):
@@ -279,12 +291,16 @@ class NameLoop:
         decision = decide.after_failure(
             self.failures, self.bound.config.monitor_lag, random.random()
         )
-        log.error(
-            "loop %r failed (%d in a row), retrying in %.2fs",
+        lost = isinstance(exc, CONNECTION_LOST)
+        log.log(
+            logging.WARNING if lost else logging.ERROR,
+            "loop %r failed (%d in a row%s), retrying in %.2fs%s",
             self.name,
             self.failures,
+            ", connection lost" if lost else "",
             decision.delay,
-            exc_info=exc,
+            f": {exc}" if lost else "",
+            exc_info=None if lost else exc,
         )
         message = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         self.last_error = message

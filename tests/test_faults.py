@@ -30,14 +30,14 @@ from typing import Any
 import anyio
 import asyncpg
 import pytest
-from cluster import Cluster, pg_cluster_fixture  # noqa: F401  (the pg_cluster fixture)
-from proxy import Proxy
 
 import batchloop as bl
 
+from cluster import Cluster, pg_cluster_fixture  # noqa: F401  (the pg_cluster fixture)
 from helpers import wait_for
 from invariants import assert_invariants
 from jobs import TABLES, next_items, process_items
+from proxy import Proxy
 
 pytestmark = pytest.mark.anyio
 HERE = Path(__file__).parent
