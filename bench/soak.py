@@ -1,8 +1,11 @@
 """Chaos soak: host processes, many names, a steady producer, and a stream of random faults.
 
-    python bench/soak.py --dsn postgresql://root@127.0.0.1:5432/postgres --faults 200
+    python bench/soak.py --faults 200            # on a throwaway cluster: every fault kind
+    python bench/soak.py --dsn URL --faults 200  # on your server: no restart/half_open faults
 
-The DSN names a server where the soak may create (and afterwards drop) its own database. Three
+Without ``--dsn`` the soak initdb's and starts its own PostgreSQL (``tests/cluster.py``), which it
+may restart, and puts every host behind its own loopback TCP proxy (``tests/proxy.py``), which it
+may freeze. With ``--dsn`` it only creates (and afterwards drops) a database there. Three
 host processes (``tests/run_host.py``) serve ``--names`` names; a producer keeps inserting items
 and pinging; every fault hits the owner of a name that has pending work, and the soak measures
 the time from the fault to that name's next committed batch (by a new generation, except for
@@ -12,7 +15,10 @@ p50/p99/max per fault kind. Results also go to ``bench/results/soak-<time>.json`
 
 Fault kinds: ``sigkill`` (the owner process), ``sigstop`` (freeze the owner for longer than
 ``monitor_lag``, then SIGCONT it), ``kill_control`` (pg_terminate_backend of the owner's
-lock/listen connection), ``kill_work`` (pg_terminate_backend of the owner's pool connections).
+lock/listen connection), ``kill_work`` (pg_terminate_backend of the owner's pool
+connections); on its own cluster also ``restart`` (pg_ctl restart, fast or immediate,
+measured from when the server is back) and ``half_open`` (the owner's proxy silently stops
+forwarding, then resumes after the takeover).
 """
 
 from __future__ import annotations
@@ -43,17 +49,28 @@ import batchloop as bl  # noqa: E402
 
 import jobs  # noqa: E402
 from invariants import violations  # noqa: E402
+from proxy import Proxy  # noqa: E402
 
 KINDS = ("sigkill", "sigstop", "kill_control", "kill_work")
+CLUSTER_KINDS = (*KINDS, "restart", "half_open")
 
 
 @dataclass
 class Fleet:
     dsn: str
     names: list[str]
+    proxied: bool = False
     procs: dict[int, subprocess.Popen[str]] = field(default_factory=dict)
+    proxies: dict[int, Proxy] = field(default_factory=dict)
 
     def spawn(self) -> subprocess.Popen[str]:
+        proxy = None
+        dsn = self.dsn
+        if self.proxied:
+            from urllib.parse import urlsplit
+
+            proxy = Proxy(urlsplit(self.dsn).port or 5432)
+            dsn = proxy.dsn(self.dsn)
         env = {
             **os.environ,
             "PYTHONPATH": str(TESTS),
@@ -62,7 +79,7 @@ class Fleet:
             "JOBS_NAMES": ",".join(self.names),
         }
         proc = subprocess.Popen(
-            [sys.executable, str(TESTS / "run_host.py"), self.dsn],
+            [sys.executable, str(TESTS / "run_host.py"), dsn],
             cwd=TESTS,
             env=env,
             stdout=subprocess.PIPE,
@@ -74,7 +91,15 @@ class Fleet:
         if not line.startswith("ready"):
             raise RuntimeError(f"host process failed to start: {line!r}")
         self.procs[proc.pid] = proc
+        if proxy is not None:
+            self.proxies[proc.pid] = proxy
         return proc
+
+    def retire(self, pid: int) -> None:
+        self.procs.pop(pid).wait(10)
+        proxy = self.proxies.pop(pid, None)
+        if proxy is not None:
+            proxy.close()
 
     def close(self) -> None:
         for proc in self.procs.values():
@@ -82,6 +107,8 @@ class Fleet:
                 proc.send_signal(signal.SIGCONT)
                 proc.kill()
             proc.wait(10)
+        for proxy in self.proxies.values():
+            proxy.close()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -90,32 +117,77 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
-async def _producer(dsn: str, names: list[str], stop: asyncio.Event, counter: list[int]) -> None:
+async def _producer(dsn: str, names: list[str], stop: asyncio.Event) -> None:
+    """Insert and ping until stopped; every insert is also recorded in ``produced`` in the same
+    transaction, so an insert whose commit acknowledgement a restart swallowed still counts."""
     rng = random.Random(7)
-    conn = await asyncpg.connect(dsn)
-    try:
-        while not stop.is_set():
+    conn: Any = None
+    while not stop.is_set():
+        try:
+            if conn is None or conn.is_closed():
+                conn = await asyncpg.connect(dsn)
             name = rng.choice(names)
-            count = rng.randint(1, 5)
             async with conn.transaction():
                 await conn.execute(
-                    "INSERT INTO items (name) SELECT $1 FROM generate_series(1, $2)", name, count
+                    "WITH i AS (INSERT INTO items (name) SELECT $1 FROM generate_series(1, $2)"
+                    " RETURNING id) INSERT INTO produced SELECT id FROM i",
+                    name,
+                    rng.randint(1, 5),
                 )
                 await bl.ping(conn, name, jobs.next_items, jobs.process_items)
-            counter[0] += count
-            await asyncio.sleep(rng.random() * 0.01)
-    finally:
+        except Exception:  # a restart can leave the connection in any state: start afresh
+            if conn is not None:
+                conn.terminate()
+            conn = None
+            await asyncio.sleep(0.1)
+            continue
+        await asyncio.sleep(rng.random() * 0.01)
+    if conn is not None:
         await conn.close()
 
 
-async def _target(conn: Any, fleet: Fleet) -> tuple[str, int, str, int] | None:
+class Observer:
+    """The soak's own connection, reopened whenever a restart drops it."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.conn: Any = None
+
+    async def __call__(self, method: str, *args: Any) -> Any:
+        for attempt in range(100):
+            try:
+                if self.conn is None or self.conn.is_closed():
+                    self.conn = await asyncpg.connect(self.dsn)
+                return await getattr(self.conn, method)(*args)
+            except (
+                OSError,
+                asyncpg.PostgresConnectionError,
+                asyncpg.InterfaceError,
+                asyncpg.InternalClientError,
+                asyncpg.OperatorInterventionError,
+            ):
+                if self.conn is not None:
+                    self.conn.terminate()
+                self.conn = None
+                if attempt == 99:
+                    raise
+                await asyncio.sleep(0.1)
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            await self.conn.close()
+
+
+async def _target(obs: Observer, fleet: Fleet) -> tuple[str, int, str, int] | None:
     """A name with pending work whose owner is one of our live processes."""
-    rows = await conn.fetch(
+    rows = await obs(
+        "fetch",
         """
         SELECT s.name, h.pid, h.host_id, s.generation
           FROM batchloop.worker_state s JOIN batchloop.hosts h ON h.host_id = s.owner_host
          WHERE EXISTS (SELECT 1 FROM items i WHERE i.name = s.name)
-        """
+        """,
     )
     live = [r for r in rows if r["pid"] in fleet.procs and fleet.procs[r["pid"]].poll() is None]
     if not live:
@@ -124,50 +196,64 @@ async def _target(conn: Any, fleet: Fleet) -> tuple[str, int, str, int] | None:
     return r["name"], r["pid"], r["host_id"], r["generation"]
 
 
-async def _inject(conn: Any, kind: str, pid: int, host_id: str) -> None:
+_HOLDS_LOCK = (
+    "EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.locktype = 'advisory'"
+    " AND l.mode = 'ExclusiveLock' AND l.granted)"
+)
+
+
+async def _inject(obs: Observer, kind: str, pid: int, host_id: str, fleet: Fleet) -> None:
     app = f"batchloop/{host_id}"
     if kind == "sigkill":
         os.kill(pid, signal.SIGKILL)
     elif kind == "sigstop":
         os.kill(pid, signal.SIGSTOP)
-    elif kind == "kill_control":
-        await conn.execute(
-            "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a WHERE a.application_name"
-            " = $1 AND EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND"
-            " l.locktype = 'advisory' AND l.mode = 'ExclusiveLock' AND l.granted)",
-            app,
-        )
-    elif kind == "kill_work":
-        await conn.execute(
-            "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a WHERE a.application_name"
-            " = $1 AND NOT EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND"
-            " l.locktype = 'advisory' AND l.mode = 'ExclusiveLock' AND l.granted)",
+    elif kind == "half_open":
+        fleet.proxies[pid].freeze()
+    elif kind in ("kill_control", "kill_work"):
+        which = _HOLDS_LOCK if kind == "kill_control" else f"NOT {_HOLDS_LOCK}"
+        await obs(
+            "execute",
+            "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a"
+            f" WHERE a.application_name = $1 AND {which}",
             app,
         )
 
 
 async def run(
-    admin_dsn: str,
+    admin_dsn: str | None,
     *,
     faults: int,
     hosts: int = 3,
     names: int = 12,
     lag: float = 3.0,
     seed: int = 1,
-    kinds: tuple[str, ...] = KINDS,
     say: Any = print,
 ) -> dict[str, Any]:
-    """Create a database, run the soak in it, drop it; returns the summary."""
+    """Run the soak in a new database on ``admin_dsn``'s server, or, when it is None, on a
+    throwaway cluster of its own (with every fault kind); returns the summary."""
     random.seed(seed)
+    cluster = None
+    if admin_dsn is None:
+        from cluster import make_cluster
+
+        cluster = make_cluster()
+        admin_dsn = cluster.dsn
     dbname = f"blsoak_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(admin_dsn)
     await admin.execute(f'CREATE DATABASE "{dbname}"')
+    await admin.close()
     dsn = _with_db(admin_dsn, dbname)
     try:
-        return await _soak(dsn, faults, hosts, names, lag, kinds, say)
+        kinds = CLUSTER_KINDS if cluster is not None else KINDS
+        return await _soak(dsn, faults, hosts, names, lag, kinds, say, cluster)
     finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
-        await admin.close()
+        if cluster is not None:
+            cluster.destroy()
+        else:
+            admin = await asyncpg.connect(admin_dsn)
+            await admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+            await admin.close()
 
 
 def _with_db(dsn: str, dbname: str) -> str:
@@ -178,26 +264,35 @@ def _with_db(dsn: str, dbname: str) -> str:
 
 
 async def _soak(
-    dsn: str, faults: int, hosts: int, n_names: int, lag: float, kinds: tuple[str, ...], say: Any
+    dsn: str,
+    faults: int,
+    hosts: int,
+    n_names: int,
+    lag: float,
+    kinds: tuple[str, ...],
+    say: Any,
+    cluster: Any,
 ) -> dict[str, Any]:
     await bl.migrate(dsn)
     conn = await asyncpg.connect(dsn)
     await jobs.create_tables(conn)
+    await conn.execute("CREATE TABLE produced (item_id bigint PRIMARY KEY)")
     names = [f"soak{i}" for i in range(n_names)]
     config = bl.Config(monitor_lag=lag)
     for name in names:  # create every worker with the soak's monitor_lag
         async with conn.transaction():
             await bl.ping(conn, name, jobs.next_items, jobs.process_items, config=config)
-    fleet = Fleet(dsn, names)
+    await conn.close()
+    obs = Observer(dsn)
+    fleet = Fleet(dsn, names, proxied=cluster is not None)
     stop = asyncio.Event()
-    inserted = [0]
     gaps: dict[str, list[float]] = {k: [] for k in kinds}
     missed: dict[str, int] = dict.fromkeys(kinds, 0)
     started = time.monotonic()
     try:
         for _ in range(hosts):
             fleet.spawn()
-        producer = asyncio.create_task(_producer(dsn, names, stop, inserted))
+        producer = asyncio.create_task(_producer(dsn, names, stop))
         order: list[str] = []
         for i in range(faults):
             if not order:
@@ -205,47 +300,54 @@ async def _soak(
                 random.shuffle(order)
             kind = order.pop()
             target = None
-            for _ in range(200):
-                target = await _target(conn, fleet)
+            for _ in range(500):
+                target = await _target(obs, fleet)
                 if target is not None:
                     break
                 await asyncio.sleep(0.02)
             if target is None:
                 raise RuntimeError("no owned name with pending work to fault")
             name, pid, host_id, gen = target
-            t0 = await conn.fetchval("SELECT clock_timestamp()")
-            await _inject(conn, kind, pid, host_id)
-            newer = 0 if kind == "kill_work" else gen
-            gap = await _next_batch(conn, name, t0, newer, timeout=lag + 30)
+            if kind == "restart":
+                cluster.restart(random.choice(("fast", "immediate")))
+            else:
+                await _inject(obs, kind, pid, host_id, fleet)
+            # A restart is measured from when the server is back; others from the fault.
+            t0 = await obs("fetchval", "SELECT clock_timestamp()")
+            newer = 0 if kind in ("kill_work", "restart") else gen
+            gap = await _next_batch(obs, name, t0, newer, timeout=lag + 30)
             if gap is None:
                 missed[kind] += 1
             else:
                 gaps[kind].append(gap)
             if kind == "sigstop":
                 os.kill(pid, signal.SIGCONT)
-            if kind == "sigkill":
-                fleet.procs.pop(pid).wait(10)
+            elif kind == "half_open":
+                fleet.proxies[pid].resume()
+            elif kind == "sigkill":
+                fleet.retire(pid)
                 fleet.spawn()
             shown = "none" if gap is None else f"{gap:.3f}s"
             say(f"fault {i + 1}/{faults} {kind:12} {name:8} gap {shown}")
             await asyncio.sleep(random.uniform(0.05, 0.3))
         stop.set()
         await producer
-        await _drained(conn, timeout=120)
-        found = await violations(conn, inserted[0])
-        left = int(await conn.fetchval("SELECT count(*) FROM items"))
-        batches = int(await conn.fetchval("SELECT count(DISTINCT (name, started)) FROM done"))
+        await _drained(obs, timeout=120)
+        produced = int(await obs("fetchval", "SELECT count(*) FROM produced"))
+        found = await violations(obs.conn, produced)
+        left = int(await obs("fetchval", "SELECT count(*) FROM items"))
+        batches = int(await obs("fetchval", "SELECT count(DISTINCT (name, started)) FROM done"))
     finally:
         stop.set()
         fleet.close()
-        await conn.close()
-    summary: dict[str, Any] = {
+        await obs.close()
+    return {
         "faults": faults,
         "hosts": hosts,
         "names": n_names,
         "monitor_lag": lag,
         "seconds": round(time.monotonic() - started, 1),
-        "items": inserted[0],
+        "items": produced,
         "batches": batches,
         "left_unprocessed": left,
         "violations": found,
@@ -260,17 +362,17 @@ async def _soak(
             for k, v in gaps.items()
         },
     }
-    return summary
 
 
 async def _next_batch(
-    conn: Any, name: str, t0: Any, newer_than: int, timeout: float
+    obs: Observer, name: str, t0: Any, newer_than: int, timeout: float
 ) -> float | None:
     """Seconds from ``t0`` to the first batch of ``name`` committed after it by a generation
     above ``newer_than``; None if none came within ``timeout``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        first = await conn.fetchval(
+        first = await obs(
+            "fetchval",
             "SELECT min(finished) FROM done WHERE name = $1 AND finished > $2 AND generation > $3",
             name,
             t0,
@@ -282,11 +384,11 @@ async def _next_batch(
     return None
 
 
-async def _drained(conn: Any, timeout: float) -> None:
+async def _drained(obs: Observer, timeout: float) -> None:
     """Poll (the items table has no event to wait on) until it is empty or time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not await conn.fetchval("SELECT count(*) FROM items"):
+        if not await obs("fetchval", "SELECT count(*) FROM items"):
             return
         await asyncio.sleep(0.1)
 
@@ -314,7 +416,11 @@ def markdown(summary: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dsn", default=os.environ.get("DATABASE_URL", "postgresql:///postgres"))
+    parser.add_argument(
+        "--dsn",
+        default=None,
+        help="a server to create the soak's database on (default: a throwaway cluster)",
+    )
     parser.add_argument("--faults", type=int, default=200)
     parser.add_argument("--hosts", type=int, default=3)
     parser.add_argument("--names", type=int, default=12)
