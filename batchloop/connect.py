@@ -72,6 +72,12 @@ async def _init(conn: asyncpg.Connection) -> None:
     await server_keepalive(conn)
 
 
+async def _reset(conn: asyncpg.Connection) -> None:
+    """asyncpg's reset on release (RESET ALL and friends), keeping our keepalive settings:
+    still one round trip."""
+    await conn.execute(f"{conn.get_reset_query()}; {SERVER_KEEPALIVE}")
+
+
 def redact(dsn: str | None) -> str:
     if not dsn:
         return "the default (PG* environment) server"
@@ -126,7 +132,7 @@ async def create_pool(
         async for attempt in retrying(timeout, redact(dsn)):
             with attempt:
                 pool: asyncpg.Pool = await asyncpg.create_pool(
-                    dsn, min_size=min_size, max_size=max_size, init=_init, **kwargs
+                    dsn, min_size=min_size, max_size=max_size, init=_init, reset=_reset, **kwargs
                 )
                 return pool
     except (asyncpg.PostgresError, ValueError, *TRANSIENT) as exc:  # type: ignore[misc]

@@ -111,6 +111,7 @@ async def _drain(control: Control, wanted: set[str] | None, deadline: float) -> 
             name=name,
             generation=row["generation"],
             lock_key=row["lock_key"],
+            stop_key=row["stop_key"],
             bound=bound,
             failures=row["consecutive_failures"],
             first_delay=row["run_in"],

@@ -466,6 +466,7 @@ class Host:
                 name=name,
                 generation=row["generation"],
                 lock_key=row["lock_key"],
+                stop_key=row["stop_key"],
                 bound=bound,
                 failures=row["consecutive_failures"],
                 first_delay=row["run_in"],

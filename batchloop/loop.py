@@ -1,17 +1,23 @@
 """One name's loop on its owning host: sleep, run one iteration transaction, decide, repeat.
 
-Each iteration is a single transaction on a pool connection:
+Each iteration is a single transaction on a pool connection, READ COMMITTED:
 
-1. ``fence``: lock this name's ``worker_state`` row where the generation is still ours. No row
-   means a claim or a stop superseded us: leave without writing anything.
-2. Run the work query; on ``Work`` run the worker and record the batch (``record_batch``).
-3. On ``Idle`` past the cooldown: take the name's wake lock exclusively (``try_go_idle``: it
-   fails while any ping transaction is in flight, and then we simply poll again), re-run the
-   query with a fresh snapshot, and only if it still says idle, write idle or waiting.
-4. Commit. The worker's writes and the bookkeeping commit together or not at all.
+1. ``book_batch`` (sent with ``BEGIN``): the fence and the batch's bookkeeping in one write. It
+   matches only while the generation is still ours, the callables are the ones we loaded, the
+   worker runs and no stop is waiting; its row lock then holds claims and stops off until we
+   end. No match sends us to the full ``fence``, which tells superseded (leave without
+   writing), new callables (reload) and a due wake-up apart.
+2. Run the work query; on ``Work`` run the worker, then commit.
+3. On ``Idle`` within the cooldown: put the bookkeeping back (``unbook_batch``, sent with
+   ``COMMIT``) and poll again later. Past the cooldown: take the name's wake lock exclusively
+   (``try_go_idle``: it fails while any ping transaction is in flight, and then we poll again),
+   re-run the query with a fresh snapshot, and only if it still says idle, write idle or
+   waiting (which also puts the bookkeeping back).
 
-A failure rolls the iteration back, then records the failure in a transaction of its own and
-retries with backoff. The decisions themselves are pure functions in :mod:`batchloop.decide`.
+The worker's writes and the bookkeeping commit together or not at all. A failure rolls the
+iteration back, then records the failure in a transaction of its own and retries with backoff.
+The decisions themselves are pure functions in :mod:`batchloop.decide`; the round-trip economy
+is :class:`batchloop.drivers.asyncpg.Iteration`'s.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import asyncpg
 from . import decide
 from .connect import TRANSIENT
 from .decide import Decision, RunAgain, Sleep
-from .drivers.asyncpg import AsyncpgSession
+from .drivers.asyncpg import AsyncpgSession, Iteration
 from .drivers.base import Row
 from .errors import Superseded
 from .models import Config, Debounce, Idle, Work
@@ -97,6 +103,7 @@ class NameLoop:
     name: str
     generation: int
     lock_key: int
+    stop_key: int
     bound: Bound
     failures: int
     first_delay: float
@@ -113,6 +120,9 @@ class NameLoop:
     cancelled."""
     batches: int = 0
     last_error: str | None = None
+    _held: tuple[AbstractAsyncContextManager[Any], Any] | None = None
+    """A pool connection kept between iterations that follow each other without a pause,
+    which spares a pool round trip (asyncpg resets connections on release) per batch."""
 
     def wake(self) -> None:
         """Cut the current sleep short (a ping woke us, or the host is shutting down)."""
@@ -126,6 +136,8 @@ class NameLoop:
                 if self.deadline is not None and anyio.current_time() + delay >= self.deadline:
                     self.outcome = "budget"
                     break
+                if delay > 0:
+                    await self._put_back()  # keep a connection only while draining
                 if delay > 0 and await self._sleep(delay):
                     if self.stopping:
                         break
@@ -153,6 +165,7 @@ class NameLoop:
                 self.outcome = "stopped"
         finally:
             with anyio.CancelScope(shield=True):
+                await self._put_back()
                 await self.ctx.release(self)
 
     async def _sleep(self, delay: float) -> bool:
@@ -197,56 +210,87 @@ class NameLoop:
             return decision
 
     async def _iterate(self) -> Decision:
-        # READ COMMITTED whatever the server default: the go-idle re-read needs a fresh snapshot.
-        async with self.ctx.pool.acquire() as conn:
-            pid = conn.get_server_pid()
-            self.ctx.in_flight.add(pid)
-            try:
-                decision = await self._transaction(conn)
-            except anyio.get_cancelled_exc_class():
-                raise  # the pid stays listed: its backend may live on, locks and all
-            except BaseException:
-                self.ctx.in_flight.discard(pid)
-                raise
+        if self._held is None:
+            lease = self.ctx.pool.acquire()
+            self._held = (lease, await lease.__aenter__())
+        conn = self._held[1]
+        pid = conn.get_server_pid()
+        self.ctx.in_flight.add(pid)
+        try:
+            decision = await self._transaction(conn)
+        except anyio.get_cancelled_exc_class():
+            raise  # the pid stays listed: its backend may live on, locks and all
+        except BaseException:
             self.ctx.in_flight.discard(pid)
-            return decision
+            with anyio.CancelScope(shield=True):
+                await self._put_back()  # it may be broken: the pool checks and replaces it
+            raise
+        self.ctx.in_flight.discard(pid)
+        return decision
+
+    async def _put_back(self) -> None:
+        """Return the connection held across back-to-back iterations to the pool."""
+        held, self._held = self._held, None
+        if held is not None:
+            await held[0].__aexit__(None, None, None)
 
     async def _transaction(self, conn: Any) -> Decision:
-        async with conn.transaction(isolation="read_committed"):
-            s = AsyncpgSession(conn, self.ctx.schema)
-            fence = await s.fetchrow("fence", self.name, self.generation)
-            if fence is None:
-                raise Superseded(self.name)
-            if fence["revision"] != self.bound.revision:
-                loaded = await s.fetchrow("load_worker", self.name)
-                assert loaded is not None  # the fence row joined it
-                self.bound = Bound.from_row(loaded)
-            if fence["status"] == "waiting":
-                await s.fetchval("wake_from_timeout", self.name)
-            since_work = None if self.once else fence["since_work"]
+        # READ COMMITTED whatever the server default: the go-idle re-read needs a fresh snapshot.
+        it = Iteration(conn, self.ctx.schema, self.name, self.generation, self.stop_key)
+        booked = await it.begin(self.bound.revision)
+        try:
+            if not booked:
+                await self._fence(it.session)
+                if not await it.book(self.bound.revision):
+                    raise RuntimeError(f"loop {self.name!r}: its state changed while fencing")
             timeout = self.bound.config.iteration_timeout
             with anyio.fail_after(timeout) if timeout is not None else nullcontext():
-                decision = await self._run_callables(
-                    conn, s, 1e9 if since_work is None else since_work
-                )
-        if isinstance(decision, RunAgain) and decision.reason in ("work", "debounce"):
+                decision, processed = await self._run_callables(conn, it.session)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                if not conn.is_closed():
+                    await it.rollback()
+            raise
+        went = isinstance(decision, Sleep)  # go_idle / go_waiting already unbooked
+        debounce = decision.delay if isinstance(decision, RunAgain) and processed else 0.0
+        await it.commit(unbook=not processed and not went, debounce=debounce)
+        if processed:
             self.failures = 0
             self.batches += 1
         return decision
 
-    async def _run_callables(self, conn: Any, s: AsyncpgSession, since_work: float) -> Decision:
+    async def _fence(self, s: AsyncpgSession) -> None:
+        """Why booking failed: superseded (or a stop waiting), new callables, or a due wake-up."""
+        fence = await s.fetchrow("fence", self.name, self.generation, self.stop_key)
+        if fence is None:
+            raise Superseded(self.name)
+        if fence["revision"] != self.bound.revision:
+            loaded = await s.fetchrow("load_worker", self.name)
+            assert loaded is not None  # the fence row joined it
+            self.bound = Bound.from_row(loaded)
+        if fence["status"] == "waiting":
+            await s.fetchval("wake_from_timeout", self.name)
+
+    async def _since_work(self, s: AsyncpgSession) -> float:
+        if self.once:
+            return 1e9  # a tick drains without cooldown polling
+        value = await s.fetchval("since_work", self.name)
+        return 1e9 if value is None else float(value)
+
+    async def _run_callables(self, conn: Any, s: AsyncpgSession) -> tuple[Decision, bool]:
+        """Query, then worker or go-idle. True when a batch was processed."""
         result = await self._query(conn)
         if isinstance(result, Work):
-            return await self._process(conn, s, result)
-        decision = decide.after_idle(result, since_work)
+            return await self._process(conn, result), True
+        decision = decide.after_idle(result, await self._since_work(s))
         if isinstance(decision, RunAgain):
-            return decision
+            return decision, False
         if not await s.fetchval("try_go_idle", self.name):
-            return RunAgain(result.poll_interval, "ping in flight")
+            return RunAgain(result.poll_interval, "ping in flight"), False
         confirm = await self._query(conn)
         if isinstance(confirm, Work):
             log.debug("loop %r: work arrived while going idle", self.name)
-            return await self._process(conn, s, confirm)
+            return await self._process(conn, confirm), True
         final = decide.after_confirm(False, confirm)
         assert isinstance(final, Sleep)
         if final.timeout is None:
@@ -254,7 +298,7 @@ class NameLoop:
         else:
             await s.fetchval("go_waiting", self.name, self.generation, float(final.timeout))
         log.debug("loop %r goes %s", self.name, final.state)
-        return final
+        return final, False
 
     async def _query(self, conn: Any) -> Work[Any] | Idle:
         result = await self.bound.query.func(conn, self.name)
@@ -265,7 +309,7 @@ class NameLoop:
             )
         return result
 
-    async def _process(self, conn: Any, s: AsyncpgSession, work: Work[Any]) -> RunAgain:
+    async def _process(self, conn: Any, work: Work[Any]) -> RunAgain:
         batch = work.batch
         adapter = self.bound.worker.batch_adapter
         if adapter is not None:
@@ -282,9 +326,7 @@ class NameLoop:
                 f"worker {self.bound.worker.ref} returned {type(ret).__name__}; "
                 "return None or batchloop.Debounce(seconds)"
             )
-        decision = decide.after_work(ret)
-        await s.fetchval("record_batch", self.name, self.generation, float(decision.delay))
-        return decision
+        return decide.after_work(ret)
 
     async def _failed(self, exc: Exception) -> Decision | None:
         self.failures += 1

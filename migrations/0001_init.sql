@@ -24,6 +24,7 @@ CREATE TABLE worker_state (
     owner_host            text,
     next_run_at           timestamptz,
     last_work_at          timestamptz,
+    prev_work_at          timestamptz,  -- last_work_at before the open iteration's bookkeeping
     batches               bigint NOT NULL DEFAULT 0,
     consecutive_failures  integer NOT NULL DEFAULT 0,
     last_error            text,
@@ -193,7 +194,7 @@ END $$;
 CREATE FUNCTION claim(p_name text, p_host text)
 RETURNS TABLE (generation bigint, status text, revision bigint, work_query text, worker text,
                config jsonb, consecutive_failures integer, run_in float8, since_work float8,
-               lock_key bigint)
+               lock_key bigint, stop_key bigint)
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 DECLARE
     k bigint;
@@ -219,7 +220,7 @@ BEGIN
                    s.consecutive_failures,
                    greatest(0, coalesce(extract(epoch FROM s.next_run_at - now()), 0))::float8,
                    coalesce(extract(epoch FROM now() - s.last_work_at), 1e9)::float8,
-                   w.lock_key
+                   w.lock_key, lock_key('stop', p_name)
               FROM worker_state s JOIN workers w USING (name)
              WHERE s.name = p_name;
     EXCEPTION WHEN OTHERS OR query_canceled THEN

@@ -120,3 +120,15 @@ async def insert_and_ping(
 
 def undecorated(conn: Any, name: str) -> None:
     """Not registered: ping must refuse it."""
+
+
+@bl.worker
+async def savepoint_worker(conn: Any, batch: list[int]) -> None:
+    """Uses a nested transaction (a savepoint inside the loop's transaction) and rolls it back."""
+    await conn.execute("DELETE FROM items WHERE id = ANY($1)", batch)
+    try:
+        async with conn.transaction():
+            await conn.execute("INSERT INTO calls (name) VALUES ('inside-savepoint')")
+            raise LookupError("undo just the savepoint")
+    except LookupError:
+        pass

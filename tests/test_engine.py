@@ -18,6 +18,7 @@ from jobs import (
     knobs,
     next_items,
     process_items,
+    savepoint_worker,
     typed_worker,
     undecorated,
 )
@@ -385,4 +386,24 @@ async def test_changed_callables_take_effect_on_a_running_loop(migrated_dsn: str
         st = await bl.status(conn, "swap")
         assert st is not None and st.worker == "jobs:typed_worker"
         assert await _count(conn, "SELECT count(*) FROM done") < 40
+    await conn.close()
+
+
+@pytest.mark.parametrize("name", ["nested", "odd $bl$ name$", "quote's \\ back"])
+async def test_worker_may_nest_transactions_and_any_name_works(
+    migrated_dsn: str, name: str
+) -> None:
+    """The loop's transaction is asyncpg's own, so conn.transaction() in a worker is a savepoint;
+    names that cannot be inlined into the fast path take the prepared-statement path."""
+    conn = await _setup(migrated_dsn)
+    async with bl.Host(migrated_dsn, modules=["jobs"]):
+        async with conn.transaction():
+            await conn.execute(
+                "INSERT INTO items (name) SELECT $1 FROM generate_series(1, 3)", name
+            )
+            await bl.ping(conn, name, next_items, savepoint_worker)
+        await wait_for(lambda: _count(conn, "SELECT count(*) FROM items"), expect=0)
+        assert await _count(conn, "SELECT count(*) FROM calls WHERE name = 'inside-savepoint'") == 0
+        st = await wait_for(lambda: bl.status(conn, name))
+        assert st.batches == 1 and st.consecutive_failures == 0
     await conn.close()

@@ -36,7 +36,7 @@ SELECT w.name, w.status, s.generation, w.work_query, w.worker, w.config::text AS
 
 -- name: claim
 SELECT generation, status, revision, work_query, worker, config::text AS config,
-       consecutive_failures, run_in, since_work, lock_key
+       consecutive_failures, run_in, since_work, lock_key, stop_key
   FROM {schema}.claim($1, $2)
 
 -- name: unlock
@@ -100,14 +100,36 @@ SELECT quote_ident(current_user::text) AS me,
 DELETE FROM {schema}.hosts WHERE host_id = $1
 
 -- name: fence
--- First statement of every iteration: locks this name's state row for the transaction, so a
--- claim or stop (which bump the generation) waits for us, and we see theirs if they came first.
--- No row also when a stop is waiting for the in-flight batch (see stop_worker).
-SELECT w.status, w.revision, extract(epoch FROM now() - s.last_work_at)::float8 AS since_work
+-- The full fence: why book_batch found no row (superseded, a stop waiting, new callables, or
+-- a due wake-up). Locks this name's state row for the transaction, so a claim or stop (which
+-- bump the generation) waits for us, and we see theirs if they came first.
+SELECT w.status, w.revision
   FROM {schema}.worker_state s JOIN {schema}.workers w USING (name)
  WHERE s.name = $1 AND s.generation = $2
-   AND pg_try_advisory_xact_lock_shared({schema}.lock_key('stop', s.name))
+   AND pg_try_advisory_xact_lock_shared($3)
    FOR UPDATE OF s
+
+-- name: book_batch
+-- First statement of every iteration (sent with BEGIN, parameters inlined): the fence and the
+-- bookkeeping of a batch in one write. It matches only while the generation is ours ($2), the
+-- callables are the ones we loaded ($3), the worker runs, and no stop waits (the stop lock,
+-- $4, try-locked shared); its row lock then holds claims and stops off until we end. When the
+-- query finds no work, unbook_batch (or go_idle / go_waiting) puts the counters back.
+UPDATE {schema}.worker_state s
+   SET batches = s.batches + 1, prev_work_at = s.last_work_at, last_work_at = now(),
+       consecutive_failures = 0, next_run_at = now()
+  FROM {schema}.workers w
+ WHERE w.name = s.name AND s.name = $1 AND s.generation = $2 AND w.revision = $3
+   AND w.status = 'running' AND pg_try_advisory_xact_lock_shared($4)
+
+-- name: unbook_batch
+UPDATE {schema}.worker_state
+   SET batches = batches - 1, last_work_at = prev_work_at
+ WHERE name = $1 AND generation = $2
+
+-- name: debounce
+UPDATE {schema}.worker_state SET next_run_at = now() + make_interval(secs => $3)
+ WHERE name = $1 AND generation = $2
 
 -- name: load_worker
 SELECT work_query, worker, config::text AS config, revision FROM {schema}.workers WHERE name = $1
@@ -116,11 +138,10 @@ SELECT work_query, worker, config::text AS config, revision FROM {schema}.worker
 UPDATE {schema}.workers SET status = 'running', updated_at = now()
  WHERE name = $1 AND status = 'waiting'
 
--- name: record_batch
-UPDATE {schema}.worker_state
-   SET batches = batches + 1, last_work_at = now(), consecutive_failures = 0,
-       next_run_at = now() + make_interval(secs => $3)
- WHERE name = $1 AND generation = $2
+-- name: since_work
+-- Seconds since the last batch or wake, as they were before this iteration's bookkeeping.
+SELECT extract(epoch FROM now() - prev_work_at)::float8 FROM {schema}.worker_state
+ WHERE name = $1
 
 -- name: record_failure
 UPDATE {schema}.worker_state
@@ -135,7 +156,9 @@ SELECT pg_try_advisory_xact_lock(wake_key) FROM {schema}.workers WHERE name = $1
 
 -- name: go_idle
 WITH st AS (
-    UPDATE {schema}.worker_state SET next_run_at = NULL, owner_host = NULL
+    UPDATE {schema}.worker_state
+       SET next_run_at = NULL, owner_host = NULL, batches = batches - 1,
+           last_work_at = prev_work_at
      WHERE name = $1 AND generation = $2
     RETURNING name
 )
@@ -144,7 +167,9 @@ UPDATE {schema}.workers w SET status = 'idle', updated_at = now()
 
 -- name: go_waiting
 WITH st AS (
-    UPDATE {schema}.worker_state SET next_run_at = now() + make_interval(secs => $3)
+    UPDATE {schema}.worker_state
+       SET next_run_at = now() + make_interval(secs => $3), batches = batches - 1,
+           last_work_at = prev_work_at
      WHERE name = $1 AND generation = $2
     RETURNING name
 )
