@@ -34,14 +34,17 @@ session advisory lock (``pg_try_advisory_lock(lock_key)``). IDLE and STOPPED nam
 Generations and fencing
 -----------------------
 Every claim increments ``worker_state.generation`` and so does ``stop``. A loop remembers the
-generation it claimed, and every iteration transaction begins with ``fence``: ``SELECT ... FOR
-UPDATE`` of its ``worker_state`` row *where the generation is still its own*. So:
+generation it claimed, and every iteration transaction begins by writing its ``worker_state``
+row *where the generation is still its own* (``book_batch``: the batch's bookkeeping, put back
+if the query finds no work; when it matches nothing, the full ``fence``, a ``SELECT ... FOR
+UPDATE`` under the same condition, says why). Either way the row is locked until the iteration
+ends. So:
 
 * a claim or stop that bumps the generation waits for the in-flight iteration's row lock: the
   old loop's batch either commits before the bump, or rolls back;
 * after the bump commits, an old loop's fence finds no row and it exits without writing.
 
-``stop`` first takes the name's ``stop`` advisory lock exclusively; every fence try-locks it
+``stop`` first takes the name's ``stop`` advisory lock exclusively; every iteration try-locks it
 shared, so once a stop is waiting for the in-flight batch no further batch can start (row locks
 alone are not granted in arrival order, and a busy loop could otherwise keep winning the row).
 
