@@ -1,0 +1,519 @@
+"""Drain benchmark: how fast each system empties a backlog of pre-inserted rows.
+
+    python bench/drain.py                                   # the full run (defaults below)
+    python bench/drain.py --rows 2000 --runs 1 --batches 1,100 --batch1-rows 500   # quick
+    python bench/chart.py bench/results/drain-latest.json   # docs/benchmarks-drain.png
+
+Every trial gets a brand-new database ``bench_drain_*`` on the server of ``--dsn`` (default
+``DATABASE_URL``, else ``postgresql://127.0.0.1:5432/postgres``), filled with N rows or jobs,
+VACUUM ANALYZEd and CHECKPOINTed, then drained until empty by the system under test in a
+subprocess of its own (so no system inherits another's event loop, pools or garbage); the
+database is dropped afterwards. Throughput is N / drain time; filling (for the peers: their
+enqueue) is timed apart and never counted. Trials alternate systems within each round
+(raw, batchloop, ..., then the next batch size; then the next round), and the report gives the
+median, min and max per system and batch size, and the ratio of medians to the raw loop run by
+the same invocation (for the ``-cursor`` variants: to ``raw-cursor``, the same SQL).
+
+Systems:
+
+* ``raw``: a hand-written asyncpg loop on one connection; each batch is one explicit
+  transaction: ``SELECT id FROM items ORDER BY id LIMIT $1`` then
+  ``DELETE FROM items WHERE id = ANY($1::bigint[])``; it stops at the first empty SELECT.
+* ``raw-cursor``: the same with ``WHERE id > $2`` (the last id deleted) in the SELECT, so it
+  never walks the dead index entries that the deletes leave at the head of the index.
+* ``batchloop``: a ``batchloop.Host`` (asyncpg driver) running one name whose module-level
+  ``@work_query`` runs the raw SELECT and whose ``@worker`` (``batch: list[int]``, as in the
+  README) runs the raw DELETE, one transaction per batch with batchloop's own bookkeeping. The
+  clock starts when the transaction that pings the (new) name commits and stops when the work
+  query first finds nothing (it then returns ``Idle(cooldown=0)``): the same end point as raw.
+* ``batchloop-cursor``: the same with the cursor SELECT. The last id lives in a module-level
+  variable the worker sets after its DELETE: fine for a benchmark (one name per process, no
+  failures; the final emptiness check would catch a skipped row), not how to keep a cursor in
+  production (keep it in a table, written in the batch's transaction).
+* ``pgqueuer``, ``procrastinate``: N no-op jobs drained by the queue's own worker, tuned per its
+  documentation for throughput; see ``bench/peers/`` for exactly how, and the JSON for the
+  settings of each trial.
+
+Batch size 1 runs ``--batch1-rows`` rows (one transaction per row is slow for everyone), and
+``--cap SYSTEM=N`` caps a slow system's rows (by default procrastinate drains 10,000 jobs):
+throughput is per row either way, but the report says how many rows each figure drained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from importlib import import_module
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import asyncpg
+
+import batchloop as bl
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+SYSTEMS = ("raw", "raw-cursor", "batchloop", "batchloop-cursor", "pgqueuer", "procrastinate")
+PEERS = {"pgqueuer": "peers.pgqueuer_peer", "procrastinate": "peers.procrastinate_peer"}
+BASELINE = {"raw-cursor": "raw", "batchloop-cursor": "raw-cursor"}
+"""The baseline each system's median is divided by (default: ``raw``)."""
+
+SELECT_HEAD = "SELECT id FROM items ORDER BY id LIMIT $1"
+SELECT_AFTER = "SELECT id FROM items WHERE id > $2 ORDER BY id LIMIT $1"
+DELETE = "DELETE FROM items WHERE id = ANY($1::bigint[])"
+NAME = "drain"
+
+
+# --------------------------------------------------------------------------------------------
+# one trial, in its own process
+
+
+async def fill_items(dsn: str, rows: int) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "CREATE TABLE items (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+            " payload int NOT NULL)"
+        )
+        await conn.execute("INSERT INTO items (payload) SELECT generate_series(1, $1)", rows)
+    finally:
+        await conn.close()
+    await settle(dsn, "items")
+
+
+async def settle(dsn: str, *tables: str) -> None:
+    common = import_module("peers.common")
+    await common.settle(dsn, *tables)
+
+
+async def remaining(dsn: str, table: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval(f"SELECT count(*) FROM {table}"))
+    finally:
+        await conn.close()
+
+
+async def trial_raw(dsn: str, rows: int, batch: int, cursor: bool) -> dict[str, Any]:
+    await fill_items(dsn, rows)
+    conn = await asyncpg.connect(dsn)
+    batches = 0
+    last = 0
+    try:
+        started = time.perf_counter()
+        while True:
+            async with conn.transaction():
+                if cursor:
+                    found = await conn.fetch(SELECT_AFTER, batch, last)
+                else:
+                    found = await conn.fetch(SELECT_HEAD, batch)
+                if not found:
+                    break
+                ids = [r[0] for r in found]
+                await conn.execute(DELETE, ids)
+            last = ids[-1]
+            batches += 1
+        drain_s = time.perf_counter() - started
+    finally:
+        await conn.close()
+    return {
+        "drain_s": drain_s,
+        "batches": batches,
+        "remaining": await remaining(dsn, "items"),
+        "settings": {"connections": 1, "transaction": "one explicit transaction per batch"},
+    }
+
+
+@dataclass
+class DrainState:
+    """The one name a batchloop trial process drains (one trial per process)."""
+
+    batch: int = 0
+    last: int = 0
+    finished: float = 0.0
+    done: asyncio.Event | None = None
+
+
+STATE = DrainState()
+
+
+def _finished() -> bl.Idle:
+    STATE.finished = time.perf_counter()
+    assert STATE.done is not None
+    STATE.done.set()
+    return bl.Idle(cooldown=0.0)
+
+
+@bl.work_query
+async def drain_query(conn: Any, name: str) -> bl.Work[list[int]] | bl.Idle:
+    found = await conn.fetch(SELECT_HEAD, STATE.batch)
+    return bl.Work([r[0] for r in found]) if found else _finished()
+
+
+@bl.work_query
+async def drain_query_cursor(conn: Any, name: str) -> bl.Work[list[int]] | bl.Idle:
+    found = await conn.fetch(SELECT_AFTER, STATE.batch, STATE.last)
+    return bl.Work([r[0] for r in found]) if found else _finished()
+
+
+@bl.worker
+async def drain_worker(conn: Any, batch: list[int]) -> None:
+    await conn.execute(DELETE, batch)
+    STATE.last = batch[-1]  # read only by the cursor variant's query
+
+
+async def trial_batchloop(dsn: str, rows: int, batch: int, cursor: bool) -> dict[str, Any]:
+    await fill_items(dsn, rows)
+    await bl.migrate(dsn)
+    STATE.batch, STATE.last, STATE.done = batch, 0, asyncio.Event()
+    query = drain_query_cursor if cursor else drain_query
+    async with bl.Host(dsn) as host, host.pool.acquire() as conn:
+        async with conn.transaction():
+            await bl.ping(conn, NAME, query, drain_worker, config=bl.Config())
+        started = time.perf_counter()
+        await STATE.done.wait()
+        drain_s = STATE.finished - started
+        status = await bl.status(conn, NAME)
+    assert status is not None
+    return {
+        "drain_s": drain_s,
+        "batches": status.batches,
+        "remaining": await remaining(dsn, "items"),
+        "settings": {
+            "driver": "asyncpg (Host pool)",
+            "host": "Host defaults (pool 1..10, monitor 0.5 s, heartbeat 1 s)",
+            "config": "Config() (debounce 0)",
+            "worker_annotation": "batch: list[int] (validated by pydantic)",
+        },
+    }
+
+
+async def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
+    system, dsn, rows, batch = spec["system"], spec["dsn"], spec["rows"], spec["batch"]
+    if system in ("raw", "raw-cursor"):
+        return await trial_raw(dsn, rows, batch, cursor=system == "raw-cursor")
+    if system in ("batchloop", "batchloop-cursor"):
+        return await trial_batchloop(dsn, rows, batch, cursor=system == "batchloop-cursor")
+    peer = import_module(PEERS[system])
+    result: dict[str, Any] = await peer.trial(dsn, rows, batch, spec.get("options", {}))
+    return result
+
+
+def trial_main(spec: dict[str, Any]) -> None:
+    sys.path.insert(0, str(HERE))
+    if spec.get("loop") == "uvloop":
+        import uvloop
+
+        result = uvloop.run(run_trial(spec))
+    else:
+        result = asyncio.run(run_trial(spec))
+    print(json.dumps(result), flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# the orchestrator
+
+
+def database_url(dsn: str, dbname: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path="/" + quote(dbname, safe="")))
+
+
+async def admin(dsn: str, sql: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def run_one(args: argparse.Namespace, system: str, batch: int, rows: int) -> dict[str, Any]:
+    dbname = f"bench_drain_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    asyncio.run(admin(args.dsn, f'CREATE DATABASE "{dbname}"'))
+    spec = {
+        "system": system,
+        "batch": batch,
+        "rows": rows,
+        "dsn": database_url(args.dsn, dbname),
+        "loop": args.loop,
+        "options": {
+            "pgq_workers": args.pgq_workers,
+            "procrastinate_max_concurrency": args.procrastinate_max_concurrency,
+        },
+    }
+    record: dict[str, Any] = {"system": system, "batch": batch, "rows": rows}
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--trial", json.dumps(spec)],
+            cwd=HERE,
+            capture_output=True,
+            text=True,
+            timeout=args.trial_timeout,
+        )
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            record["error"] = (proc.stderr.strip() or proc.stdout.strip())[-2000:]
+        else:
+            record.update(json.loads(lines[-1]))
+    except subprocess.TimeoutExpired:
+        record["error"] = f"timed out after {args.trial_timeout} s"
+    finally:
+        asyncio.run(admin(args.dsn, f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
+    if "error" not in record:
+        record["rows_per_s"] = rows / record["drain_s"]
+        if record["remaining"]:
+            record["error"] = f"{record['remaining']} of {rows} rows left undrained"
+    return record
+
+
+def rows_for(args: argparse.Namespace, system: str, batch: int) -> int:
+    rows = args.rows
+    if batch == 1 and args.batch1_rows:
+        rows = min(rows, args.batch1_rows)
+    return min(rows, args.caps.get(system, rows))
+
+
+def summarise(
+    trials: list[dict[str, Any]], systems: list[str], batches: list[int]
+) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    medians: dict[tuple[str, int], float] = {}
+    for batch in batches:
+        for system in systems:
+            ok = [t for t in trials if t["system"] == system and t["batch"] == batch]
+            rates = [t["rows_per_s"] for t in ok if "error" not in t]
+            entry: dict[str, Any] = {
+                "system": system,
+                "batch": batch,
+                "rows": ok[0]["rows"] if ok else 0,
+                "runs": len(rates),
+                "errors": sum("error" in t for t in ok),
+            }
+            if rates:
+                medians[system, batch] = entry["median"] = statistics.median(rates)
+                entry["min"], entry["max"] = min(rates), max(rates)
+                enqueue = [t["rows"] / t["enqueue_s"] for t in ok if t.get("enqueue_s")]
+                if enqueue:
+                    entry["enqueue_median"] = statistics.median(enqueue)
+                settings = [t["settings"] for t in ok if "settings" in t]
+                if settings:
+                    entry["settings"] = settings[0]
+            out.append(entry)
+    for entry in out:
+        base = BASELINE.get(entry["system"], "raw")
+        if base not in systems:
+            base = "raw"
+        entry["baseline"] = base
+        key = (base, entry["batch"])
+        if "median" in entry and key in medians:
+            entry["ratio"] = entry["median"] / medians[key]
+    return out
+
+
+def fmt_rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def markdown(summary: list[dict[str, Any]], batches: list[int]) -> str:
+    parts = []
+    for batch in batches:
+        rows = [e for e in summary if e["batch"] == batch]
+        parts.append(f"#### Batch size {batch}\n")
+        parts.append(
+            "| system | rows | runs | median rows/s | min | max | x baseline | enqueue jobs/s |"
+        )
+        parts.append("|---|--:|--:|--:|--:|--:|--:|--:|")
+        for e in rows:
+            ratio = f"{e['ratio']:.2f}x {e['baseline']}" if "ratio" in e else "-"
+            runs = f"{e['runs']}" + (f" ({e['errors']} failed)" if e["errors"] else "")
+            parts.append(
+                f"| {e['system']} | {e['rows']:,} | {runs} | {fmt_rate(e.get('median'))} "
+                f"| {fmt_rate(e.get('min'))} | {fmt_rate(e.get('max'))} | {ratio} "
+                f"| {fmt_rate(e.get('enqueue_median'))} |"
+            )
+        parts.append("")
+    return "\n".join(parts)
+
+
+def machine(dsn: str) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["memory_gib"] = round(int(line.split()[1]) / 2**20, 1)
+                break
+    except OSError:
+        pass
+    packages = {}
+    for name in ("batchloop", "asyncpg", "pgqueuer", "procrastinate", "psycopg", "uvloop"):
+        try:
+            packages[name] = version(name)
+        except PackageNotFoundError:
+            packages[name] = None
+    info["packages"] = packages
+    source = Path(bl.__file__).resolve().parent.parent
+    info["batchloop_source"] = str(source)
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        info["batchloop_commit"] = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=source,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+
+    async def server() -> dict[str, Any]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            names = (
+                "server_version",
+                "shared_buffers",
+                "synchronous_commit",
+                "fsync",
+                "wal_level",
+                "max_wal_size",
+                "checkpoint_timeout",
+                "autovacuum",
+            )
+            return {n: await conn.fetchval(f"SHOW {n}") for n in names}
+        finally:
+            await conn.close()
+
+    info["postgres"] = asyncio.run(server())
+    return info
+
+
+def parse_caps(values: list[str]) -> dict[str, int]:
+    caps = {}
+    for value in values:
+        system, _, n = value.partition("=")
+        if system not in SYSTEMS or not n.isdigit():
+            raise SystemExit(f"--cap wants SYSTEM=ROWS with SYSTEM in {', '.join(SYSTEMS)}")
+        caps[system] = int(n)
+    return caps
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dsn", default=os.environ.get("DATABASE_URL"))
+    p.add_argument("--rows", type=int, default=100_000)
+    p.add_argument("--batches", default="1,10,100,1000")
+    p.add_argument("--batch1-rows", type=int, default=10_000, help="rows at batch size 1")
+    p.add_argument("--cap", action="append", default=None, help="SYSTEM=ROWS (repeatable)")
+    p.add_argument("--runs", type=int, default=3, help="rounds; every system runs once a round")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, or 'all'")
+    p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    p.add_argument("--pgq-workers", type=int, default=1, help="pgqueuer QueueManagers")
+    p.add_argument(
+        "--procrastinate-max-concurrency",
+        type=int,
+        default=20,
+        help="procrastinate concurrency = min(batch, this)",
+    )
+    p.add_argument("--trial-timeout", type=float, default=1800)
+    p.add_argument("--json", type=Path, help="default: bench/results/drain-<time>.json")
+    p.add_argument("--markdown", type=Path, help="also write the tables here")
+    p.add_argument("--note", default="", help="free text stored in the JSON (e.g. the commit)")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--trial", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.trial is None:
+        args.dsn = args.dsn or "postgresql://127.0.0.1:5432/postgres"
+        if not args.dsn.startswith(("postgresql://", "postgres://")):
+            raise SystemExit("--dsn must be a postgresql:// URL")
+        args.batch_list = [int(b) for b in args.batches.split(",") if b]
+        args.system_list = (
+            list(SYSTEMS) if args.systems == "all" else [s for s in args.systems.split(",") if s]
+        )
+        unknown = set(args.system_list) - set(SYSTEMS)
+        if unknown or not args.system_list or not args.batch_list:
+            raise SystemExit(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
+        if "raw" not in args.system_list:
+            args.system_list.insert(0, "raw")  # every ratio needs it
+        args.caps = parse_caps(args.cap if args.cap is not None else ["procrastinate=10000"])
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.trial is not None:
+        trial_main(json.loads(args.trial))
+        return 0
+
+    def say(msg: str) -> None:
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    started = dt.datetime.now(dt.timezone.utc)
+    meta = {
+        "started": started.isoformat(timespec="seconds"),
+        "command": "python bench/drain.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "rows": args.rows,
+        "batch1_rows": args.batch1_rows,
+        "caps": args.caps,
+        "runs": args.runs,
+        "batches": args.batch_list,
+        "systems": args.system_list,
+        "loop": args.loop,
+        "note": args.note,
+        "machine": machine(args.dsn),
+    }
+    trials: list[dict[str, Any]] = []
+    total = args.runs * len(args.batch_list) * len(args.system_list)
+    for rnd in range(args.runs):
+        for batch in args.batch_list:
+            for system in args.system_list:
+                rows = rows_for(args, system, batch)
+                record = run_one(args, system, batch, rows)
+                record["round"] = rnd
+                trials.append(record)
+                if "error" in record:
+                    say(f"[{len(trials)}/{total}] batch {batch} {system}: FAILED {record['error']}")
+                else:
+                    say(
+                        f"[{len(trials)}/{total}] batch {batch} {system}: "
+                        f"{record['rows_per_s']:,.0f} rows/s ({rows:,} rows, "
+                        f"{record['drain_s']:.2f} s)"
+                    )
+    summary = summarise(trials, args.system_list, args.batch_list)
+    meta["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    result = {"meta": meta, "summary": summary, "trials": trials}
+    path = args.json or RESULTS / f"drain-{started:%Y%m%d-%H%M%S}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    tables = markdown(summary, args.batch_list)
+    print(tables)
+    print(f"JSON: {path}")
+    if args.markdown:
+        args.markdown.write_text(tables)
+    failed = [t for t in trials if "error" in t]
+    if failed:
+        print(f"{len(failed)} trial(s) failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
