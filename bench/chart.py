@@ -91,8 +91,9 @@ def chart(result: dict[str, Any], out: Path) -> Path:
             notes.append(f"{system}: at most {cap:,} rows")
     if "procrastinate" in systems:
         notes.append("procrastinate has no batch fetch: x is its concurrency, capped (see JSON)")
-    fig.text(0.99, 0.01, "; ".join(notes), ha="right", va="bottom", fontsize=8, color="#555555")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    lines = ["; ".join(notes[:3]), "; ".join(notes[3:])] if len(notes) > 3 else ["; ".join(notes)]
+    fig.text(0.01, 0.01, "\n".join(lines), ha="left", va="bottom", fontsize=8, color="#555555")
+    fig.tight_layout(rect=(0, 0.02 + 0.025 * len(lines), 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     plt.close(fig)

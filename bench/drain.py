@@ -2,7 +2,8 @@
 
     python bench/drain.py                                   # the full run (defaults below)
     python bench/drain.py --rows 2000 --runs 1 --batches 1,100 --batch1-rows 500   # quick
-    python bench/chart.py bench/results/drain-latest.json   # docs/benchmarks-drain.png
+    python bench/drain.py --report bench/results/drain-*.json   # reprint a saved run's tables
+    python bench/chart.py bench/results/drain-*.json           # -> docs/benchmarks-drain.png
 
 Every trial gets a brand-new database ``bench_drain_*`` on the server of ``--dsn`` (default
 ``DATABASE_URL``, else ``postgresql://127.0.0.1:5432/postgres``), filled with N rows or jobs,
@@ -328,6 +329,10 @@ def fmt_rate(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
 
+def fmt_ratio(value: float) -> str:
+    return f"{value:.2f}" if value >= 0.1 else f"{value:.3f}"
+
+
 def markdown(summary: list[dict[str, Any]], batches: list[int]) -> str:
     parts = []
     for batch in batches:
@@ -338,7 +343,7 @@ def markdown(summary: list[dict[str, Any]], batches: list[int]) -> str:
         )
         parts.append("|---|--:|--:|--:|--:|--:|--:|--:|")
         for e in rows:
-            ratio = f"{e['ratio']:.2f}x {e['baseline']}" if "ratio" in e else "-"
+            ratio = f"{fmt_ratio(e['ratio'])}x {e['baseline']}" if "ratio" in e else "-"
             runs = f"{e['runs']}" + (f" ({e['errors']} failed)" if e["errors"] else "")
             parts.append(
                 f"| {e['system']} | {e['rows']:,} | {runs} | {fmt_rate(e.get('median'))} "
@@ -437,9 +442,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--markdown", type=Path, help="also write the tables here")
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. the commit)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--report", type=Path, help="only print the tables of a saved JSON result")
     p.add_argument("--trial", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.trial is None:
+    if args.trial is None and args.report is None:
         args.dsn = args.dsn or "postgresql://127.0.0.1:5432/postgres"
         if not args.dsn.startswith(("postgresql://", "postgres://")):
             raise SystemExit("--dsn must be a postgresql:// URL")
@@ -460,6 +466,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.trial is not None:
         trial_main(json.loads(args.trial))
+        return 0
+    if args.report is not None:
+        saved = json.loads(args.report.read_text())
+        print(markdown(saved["summary"], saved["meta"]["batches"]), end="")
         return 0
 
     def say(msg: str) -> None:
