@@ -17,6 +17,9 @@ CREATE TABLE workers (
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
 
+-- The monitor's query reads only the names that can need an owner: idle workers cost it nothing.
+CREATE INDEX workers_active ON workers (name) WHERE status IN ('running', 'waiting');
+
 -- High churn: written by every committed iteration. Low fillfactor keeps updates HOT.
 CREATE TABLE worker_state (
     name                  text PRIMARY KEY REFERENCES workers (name) ON DELETE CASCADE,
@@ -209,6 +212,9 @@ BEGIN
     IF NOT FOUND OR st NOT IN ('running', 'waiting') OR NOT pg_try_advisory_lock(k) THEN
         RETURN;
     END IF;
+    -- A claim need not wait for its WAL flush: if the server crashed before it reached disk,
+    -- every loop died with it, and any batch committed under this generation flushed it first.
+    SET LOCAL synchronous_commit = off;
     BEGIN
         UPDATE workers w SET status = 'running', updated_at = now()
          WHERE w.name = p_name AND w.status = 'waiting'
