@@ -106,18 +106,8 @@ async def _drain(control: Control, wanted: set[str] | None, deadline: float) -> 
             await control.fetchval("unlock", row["lock_key"])
             report.failed.append(TickFailure(name=name, error=str(exc)))
             continue
-        loop = NameLoop(
-            ctx=LoopContext(_OneConnection(conn), schema, release),
-            name=name,
-            generation=row["generation"],
-            lock_key=row["lock_key"],
-            stop_key=row["stop_key"],
-            bound=bound,
-            failures=row["consecutive_failures"],
-            first_delay=row["run_in"],
-            once=True,
-            deadline=deadline,
-        )
+        ctx = LoopContext(_OneConnection(conn), schema, release)
+        loop = NameLoop.claimed(ctx, name, row, bound, once=True, deadline=deadline)
         try:
             await loop.run()
         finally:

@@ -461,16 +461,7 @@ class Host:
                     log.error("host %s: cannot run %r: %s", self.host_id, name, exc)
                 await self._unlock(control, row["lock_key"])
                 return
-            loop = NameLoop(
-                ctx=self._ctx,
-                name=name,
-                generation=row["generation"],
-                lock_key=row["lock_key"],
-                stop_key=row["stop_key"],
-                bound=bound,
-                failures=row["consecutive_failures"],
-                first_delay=row["run_in"],
-            )
+            loop = NameLoop.claimed(self._ctx, name, row, bound)
             self._loops[name] = loop
             log.debug("host %s claimed %r generation %d", self.host_id, name, loop.generation)
             tg.start_soon(loop.run, name=f"batchloop:{name}")

@@ -124,6 +124,23 @@ class NameLoop:
     """A pool connection kept between iterations that follow each other without a pause,
     which spares a pool round trip (asyncpg resets connections on release) per batch."""
 
+    @classmethod
+    def claimed(
+        cls, ctx: LoopContext, name: str, row: Row, bound: Bound, **options: Any
+    ) -> NameLoop:
+        """The loop for a name just claimed; ``row`` is what ``claim()`` returned."""
+        return cls(
+            ctx=ctx,
+            name=name,
+            generation=row["generation"],
+            lock_key=row["lock_key"],
+            stop_key=row["stop_key"],
+            bound=bound,
+            failures=row["consecutive_failures"],
+            first_delay=row["run_in"],
+            **options,
+        )
+
     def wake(self) -> None:
         """Cut the current sleep short (a ping woke us, or the host is shutting down)."""
         self.poke.set()
