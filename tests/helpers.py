@@ -71,3 +71,8 @@ def _describe(fn: Any) -> str:
     if code is not None:
         return f"{name} ({code.co_filename.rsplit('/', 1)[-1]}:{code.co_firstlineno})"
     return str(name)
+
+
+async def count(conn: Any, query: str, *args: Any) -> int:
+    """``query``'s single value as an int (a ``SELECT count(*) ...``, usually)."""
+    return int(await conn.fetchval(query, *args))

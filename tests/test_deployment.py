@@ -40,6 +40,7 @@ import batchloop as bl
 from batchloop.connect import check_dedicated_session
 from batchloop.errors import SessionRequiredError
 
+from helpers import count as _count
 from helpers import wait_for
 from jobs import KNOBS, Knobs, create_tables, insert_and_ping, knobs
 
@@ -178,8 +179,6 @@ def _fresh_knobs(name: str) -> Knobs:
     return knobs(name)
 
 
-async def _count(conn: Any, query: str, *args: Any) -> int:
-    return int(await conn.fetchval(query, *args))
 
 
 async def _setup(dsn: str) -> asyncpg.Connection:

@@ -10,6 +10,7 @@ import pytest
 
 import batchloop as bl
 
+from helpers import count as _count
 from helpers import wait_for
 from jobs import (
     bad_batch_query,
@@ -57,8 +58,6 @@ async def test_ping_creates_worker_and_host_drains_it(migrated_dsn: str) -> None
     await conn.close()
 
 
-async def _count(conn: Any, sql: str, *args: Any) -> int:
-    return int(await conn.fetchval(sql, *args))
 
 
 async def test_ping_refuses_unregistered_callables_and_creates_nothing(migrated_dsn: str) -> None:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import random
-from typing import Any
 
 import asyncpg
 import pytest
 
 import batchloop as bl
 
+from helpers import count as _count
 from helpers import wait_for
 from invariants import assert_invariants
 from jobs import create_tables, insert_and_ping, knobs, next_items, process_items
@@ -18,8 +18,6 @@ from jobs import create_tables, insert_and_ping, knobs, next_items, process_item
 pytestmark = pytest.mark.anyio
 
 
-async def _count(conn: Any, sql: str, *args: Any) -> int:
-    return int(await conn.fetchval(sql, *args))
 
 
 async def test_two_hosts_never_overlap_on_a_name(migrated_dsn: str) -> None:

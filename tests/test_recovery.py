@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import asyncpg
 import pytest
 
 import batchloop as bl
 
+from helpers import count as _count
 from helpers import wait_for
 from jobs import create_tables, insert_and_ping, knobs, next_items, process_items
 
 pytestmark = pytest.mark.anyio
 
 
-async def _count(conn: Any, sql: str, *args: Any) -> int:
-    return int(await conn.fetchval(sql, *args))
 
 
 async def test_host_recovers_when_declared_dead_while_busy(migrated_dsn: str) -> None:
