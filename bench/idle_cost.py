@@ -1,6 +1,6 @@
 """Idle cost: what 3 hosts and 1,000 idle named workers cost the database per second.
 
-    python bench/idle_cost.py --seconds 60 --workers 1000 --hosts 3
+    python bench/idle_cost.py --seconds 60 --workers 1000 --hosts 3 [--vacuum]
 
 Three phases of ``--seconds`` each on one database:
 
@@ -17,6 +17,12 @@ observer's own few statements subtracted), scans and updates of batchloop's tabl
 a separate observer database, so the observer adds nothing), next to the raw cluster-wide LSN
 rate, which on a shared server is mostly other databases. Also the monitor query's plan and
 execution time with none and with all the idle workers (``EXPLAIN ANALYZE``).
+
+Right after the workers went idle, the index the monitor reads (``workers_active``, partial on
+running/waiting) still holds an entry for each worker's dead ``running`` row version, and a
+bitmap scan never marks them dead: the monitor reads them every tick until VACUUM (autovacuum,
+eventually) removes them. ``--vacuum`` runs that VACUUM before phase 2, to measure the state
+autovacuum leads to.
 
 Prints markdown tables and writes ``bench/results/idle_cost-<time>.json``.
 """
@@ -77,6 +83,7 @@ async def run(
     n_hosts: int = 3,
     sample_every: float = 2.0,
     settle: float = 12.0,
+    vacuum: bool = False,
     verbose: bool = False,
     say: Any = print,
 ) -> dict[str, Any]:
@@ -86,6 +93,7 @@ async def run(
         "workers": workers,
         "hosts": n_hosts,
         "settle": settle,
+        "vacuum": vacuum,
         "provenance": hosts.provenance(),
         "phases": {},
     }
@@ -110,6 +118,8 @@ async def run(
             )
             say(f"creating {workers} workers and letting them go idle")
             await _create_idle(conn, workers)
+            if vacuum:
+                await conn.execute("VACUUM batchloop.workers, batchloop.worker_state")
             # Idle backends report their statistics 10 s late at most: let the creation's
             # counts land before the phase starts.
             await asyncio.sleep(settle)
@@ -236,12 +246,13 @@ def markdown(summary: dict[str, Any]) -> str:
         )
     g = summary["goals"]["idle_worker_costs_nothing_but_monitor"]
     m0, m1 = summary["monitor_query_no_workers"], summary["monitor_query_idle_workers"]
+    after = ", after VACUUM" if summary["vacuum"] else ""
     lines += [
         "",
         f"{summary['hosts']} hosts, {summary['workers']} idle workers, {summary['seconds']} s "
         f"per phase. Adding the idle workers changed: statements/s by "
         f"{g['extra_statements_per_s']}, WAL bytes/s by {fmt(g['extra_wal_bytes_per_s'])}, rows "
-        f"read/s by {g['extra_rows_read_per_s']} (the monitor query scanning the workers).",
+        f"read/s by {g['extra_rows_read_per_s']} (the monitor query{after}).",
         f"Monitor query (one per host per monitor_interval): {m0['execution_ms_median']} ms with "
         f"no workers, {m1['execution_ms_median']} ms with {summary['workers']} idle workers "
         "(server execution time, median of 20).",
@@ -260,6 +271,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--settle", type=float, default=12.0, help="pause before each phase (stats lag 10 s)"
     )
+    parser.add_argument(
+        "--vacuum",
+        action="store_true",
+        help="VACUUM batchloop's tables once the workers are idle (as autovacuum would, later)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="results directory")
     parser.add_argument("--verbose", action="store_true", help="show the hosts' stderr")
     parser.add_argument("--quiet", action="store_true")
@@ -271,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
             workers=args.workers,
             n_hosts=args.hosts,
             settle=args.settle,
+            vacuum=args.vacuum,
             verbose=args.verbose,
             say=(lambda *_: None) if args.quiet else print,
         )

@@ -1,6 +1,6 @@
 """Wake latency: from a producer's COMMIT to the start of the worker in a host process.
 
-    python bench/latency.py --samples 1000 --warmup 100
+    python bench/latency.py --samples 1000 --warmup 100 [--trace 300]
 
 One host process serves the name ``wake``; the producer (this process) inserts one row and calls
 ``batchloop.ping`` in one transaction, commits, and waits for the worker. Variants:
@@ -24,6 +24,10 @@ and the host also stamps when the wake-up notification arrived and when the work
 (for a breakdown). No database round trip sits between an event and its timestamp, which the
 database clock cannot offer without ``track_commit_timestamp``. So the script needs the server,
 the producer and the hosts on one machine, and refuses a non-local server.
+
+``--trace N`` then runs N more idle-loop wakes with a host that stamps every statement it
+sends, and tabulates the statements between COMMIT and the worker's start (claim, BEGIN with the
+fence, work query) with their start offsets and durations.
 
 Prints markdown tables and writes ``bench/results/latency-<time>.json``.
 """

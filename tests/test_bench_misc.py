@@ -92,8 +92,8 @@ def test_ping_cost_smoke(pg_admin_dsn: str, tmp_path: Path, capsys: Any) -> None
         lock.startswith(("tuple", "transactionid")) for lock in data["in_transaction"]["locks"]
     )
     if w["exact"]:  # pg_walinspect available: the meter must see the control's writes
+        # (no equality on the other windows: autovacuum may write in the database meanwhile)
         assert w["control_inserts"]["db_bytes"] > 0
-        assert w["select1"]["db_bytes"] == 0
 
 
 def test_failover_smoke(pg_admin_dsn: str, tmp_path: Path, capsys: Any) -> None:
