@@ -212,9 +212,6 @@ BEGIN
     IF NOT FOUND OR st NOT IN ('running', 'waiting') OR NOT pg_try_advisory_lock(k) THEN
         RETURN;
     END IF;
-    -- A claim need not wait for its WAL flush: if the server crashed before it reached disk,
-    -- every loop died with it, and any batch committed under this generation flushed it first.
-    SET LOCAL synchronous_commit = off;
     BEGIN
         UPDATE workers w SET status = 'running', updated_at = now()
          WHERE w.name = p_name AND w.status = 'waiting'
