@@ -93,21 +93,16 @@ def retrying(timeout: float | None, what: str = "PostgreSQL") -> AsyncRetrying:
     giving up before ``timeout`` would be overrun (None: never)."""
 
     def say(state: RetryCallState) -> None:
+        # An `after` hook: it runs for every failed attempt, the last one too, so even a
+        # startup_timeout too short for a single retry leaves a line in the log.
         exc = state.outcome.exception() if state.outcome is not None else None
-        wait = state.next_action.sleep if state.next_action is not None else 0.0
-        log.warning(
-            "cannot reach %s (attempt %d): %s; retrying in %.1fs",
-            what,
-            state.attempt_number,
-            exc,
-            wait,
-        )
+        log.warning("cannot reach %s (attempt %d): %s", what, state.attempt_number, exc)
 
     return AsyncRetrying(
         retry=retry_if_exception_type(TRANSIENT),
         wait=wait_exponential(multiplier=0.2, max=4.0) + wait_random(0, 1.0),
         stop=stop_before_delay(timeout) if timeout is not None else stop_never,
-        before_sleep=say,
+        after=say,
         reraise=True,
     )
 
