@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -196,12 +195,7 @@ def main(argv: list[str] | None = None) -> None:
             say=(lambda *_: None) if args.quiet else print,
         )
     )
-    summary["command"] = " ".join(
-        ["python", "bench/failover.py", *(sys.argv[1:] if argv is None else argv)]
-    )
-    path = hosts.write_result("failover", summary, args.out)
-    print(markdown(summary))
-    print(f"(written to {path})")
+    hosts.report("failover", summary, argv, args.out, markdown)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -711,6 +711,22 @@ def write_result(kind: str, summary: dict[str, Any], out: Path | None = None) ->
     path = out / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(summary, indent=2, default=str))
     return path
+
+
+def report(
+    kind: str,
+    summary: dict[str, Any],
+    argv: list[str] | None,
+    out: Path | None,
+    markdown: Callable[[dict[str, Any]], str],
+) -> None:
+    """The end of every scenario's ``main``: note the command, write the JSON, print the table."""
+    summary["command"] = " ".join(
+        ["python", f"bench/{kind}.py", *(sys.argv[1:] if argv is None else argv)]
+    )
+    path = write_result(kind, summary, out)
+    print(markdown(summary))
+    print(f"(written to {path})")
 
 
 def fmt(value: Any) -> str:

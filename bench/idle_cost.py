@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -292,12 +291,7 @@ def main(argv: list[str] | None = None) -> None:
             say=(lambda *_: None) if args.quiet else print,
         )
     )
-    summary["command"] = " ".join(
-        ["python", "bench/idle_cost.py", *(sys.argv[1:] if argv is None else argv)]
-    )
-    path = hosts.write_result("idle_cost", summary, args.out)
-    print(markdown(summary))
-    print(f"(written to {path})")
+    hosts.report("idle_cost", summary, argv, args.out, markdown)
 
 
 if __name__ == "__main__":

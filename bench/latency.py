@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -492,12 +491,7 @@ def main(argv: list[str] | None = None) -> None:
             verbose=args.verbose,
         )
     )
-    summary["command"] = " ".join(
-        ["python", "bench/latency.py", *(sys.argv[1:] if argv is None else argv)]
-    )
-    path = hosts.write_result("latency", summary, args.out)
-    print(markdown(summary))
-    print(f"(written to {path})")
+    hosts.report("latency", summary, argv, args.out, markdown)
 
 
 if __name__ == "__main__":

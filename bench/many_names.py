@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -223,12 +222,7 @@ def main(argv: list[str] | None = None) -> None:
             say=(lambda *_: None) if args.quiet else print,
         )
     )
-    summary["command"] = " ".join(
-        ["python", "bench/many_names.py", *(sys.argv[1:] if argv is None else argv)]
-    )
-    path = hosts.write_result("many_names", summary, args.out)
-    print(markdown(summary))
-    print(f"(written to {path})")
+    hosts.report("many_names", summary, argv, args.out, markdown)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -296,12 +295,7 @@ def main(argv: list[str] | None = None) -> None:
             wal_pings=args.wal_pings,
         )
     )
-    summary["command"] = " ".join(
-        ["python", "bench/ping_cost.py", *(sys.argv[1:] if argv is None else argv)]
-    )
-    path = hosts.write_result("ping_cost", summary, args.out)
-    print(markdown(summary))
-    print(f"(written to {path})")
+    hosts.report("ping_cost", summary, argv, args.out, markdown)
 
 
 if __name__ == "__main__":
