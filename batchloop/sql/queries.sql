@@ -42,9 +42,6 @@ SELECT generation, status, revision, work_query, worker, config::text AS config,
 -- name: unlock
 SELECT pg_advisory_unlock($1)
 
--- name: notify
-SELECT pg_notify({schema}.channel(), $1)
-
 -- name: register_host
 INSERT INTO {schema}.hosts (host_id, hostname, pid) VALUES ($1, $2, $3)
 ON CONFLICT (host_id) DO UPDATE SET heartbeat_at = now()
