@@ -19,6 +19,7 @@ from tenacity import (
     wait_random,
 )
 
+from .drivers.psycopg import PsycopgPool
 from .errors import BatchloopError, SessionRequiredError
 
 log = logging.getLogger("batchloop")
@@ -133,6 +134,65 @@ async def create_pool(
     except (asyncpg.PostgresError, ValueError, *TRANSIENT) as exc:  # type: ignore[misc]
         raise _clear(exc, dsn) from exc
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+_RESET = "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL; " + SERVER_KEEPALIVE
+"""What asyncpg's pool resets on release, for psycopg connections too."""
+
+
+async def create_psycopg_pool(
+    dsn: str | None,
+    *,
+    timeout: float | None,
+    min_size: int,
+    max_size: int,
+    application_name: str,
+    prepare: bool = True,
+) -> PsycopgPool:
+    """A psycopg_pool of autocommit connections (loops send their own BEGIN), opened with
+    ``min_size`` connections within ``timeout`` (None: wait for ever)."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+    from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+    try:
+        conninfo_to_dict(dsn or "")
+    except psycopg.ProgrammingError as exc:
+        raise _clear(exc, dsn) from exc
+
+    async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+        await conn.execute(SERVER_KEEPALIVE.encode())
+
+    async def reset(conn: psycopg.AsyncConnection[Any]) -> None:
+        await conn.execute(_RESET.encode())
+
+    pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
+        dsn or "",
+        min_size=min_size,
+        max_size=max_size,
+        open=False,
+        configure=configure,
+        reset=reset,
+        name=application_name,
+        kwargs={
+            "autocommit": True,
+            "application_name": application_name,
+            "prepare_threshold": 5 if prepare else None,
+            "keepalives": 1,
+            "keepalives_idle": KEEPALIVE["idle"],
+            "keepalives_interval": KEEPALIVE["interval"],
+            "keepalives_count": KEEPALIVE["count"],
+        },
+    )
+    try:
+        # Opening with min_size 0 proves nothing: borrow one connection to check the DSN.
+        await pool.open(wait=True, timeout=timeout if timeout is not None else 1e9)
+        async with pool.connection(timeout=timeout if timeout is not None else 1e9):
+            pass
+    except (PoolTimeout, psycopg.Error) as exc:
+        await pool.close()
+        raise _clear(exc, dsn) from exc
+    return PsycopgPool(pool)
 
 
 SESSION_HELP = (

@@ -16,15 +16,24 @@ import sys
 import uuid
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import asyncpg
 from anyio.abc import TaskGroup, TaskStatus
 
-from .connect import check_dedicated_session, connect, create_pool, redact, server_keepalive
+from .connect import (
+    check_dedicated_session,
+    connect,
+    create_pool,
+    create_psycopg_pool,
+    redact,
+    server_keepalive,
+)
 from .control import Control
-from .drivers.asyncpg import AsyncpgSession
+from .drivers.asyncpg import AsyncpgLoopDriver
+from .drivers.base import Session
+from .drivers.psycopg import PsycopgLoopDriver, PsycopgPool
 from .errors import BatchloopError
 from .loop import Bound, CallableMissing, LoopContext, NameLoop
 from .migrations import check_version
@@ -48,6 +57,11 @@ class Host:
     finish before cancelling (rolling back) them. ``startup_timeout``: how long to retry an
     unreachable database at start (None: for ever).
 
+    ``driver``: which client library's connections the work queries and workers get:
+    ``"asyncpg"`` (the default; an asyncpg pool) or ``"psycopg"`` (a psycopg_pool of
+    ``psycopg.AsyncConnection`` in autocommit mode, inside the iteration's transaction). The
+    control connection is asyncpg either way.
+
     ``control_dsn``: where the control connection (session advisory locks, LISTEN) connects,
     when ``dsn`` goes through a transaction-pooling proxy such as PgBouncer: a direct (or
     session-pooled) DSN of the same database. The pool, and so every batch, still uses ``dsn``,
@@ -70,7 +84,11 @@ class Host:
         startup_timeout: float | None = 30.0,
         connect_kwargs: dict[str, Any] | None = None,
         control_dsn: str | None = None,
+        driver: Literal["asyncpg", "psycopg"] = "asyncpg",
     ) -> None:
+        if driver not in ("asyncpg", "psycopg"):
+            raise ValueError(f"driver must be 'asyncpg' or 'psycopg', got {driver!r}")
+        self.driver = driver
         self.dsn = dsn
         self.control_dsn = control_dsn if control_dsn is not None else dsn
         self.modules = tuple(modules)
@@ -100,7 +118,7 @@ class Host:
         if control_dsn is not None:
             self._pool_kwargs.setdefault("statement_cache_size", 0)
         self._database: Any = None
-        self._pool: asyncpg.Pool | None = None
+        self._pool: Any = None
         self._tg: TaskGroup | None = None
         self._runner: asyncio.Task[None] | None = None
         self._session_tg: TaskGroup | None = None
@@ -121,11 +139,12 @@ class Host:
     # ------------------------------------------------------------------ public surface
 
     @property
-    def pool(self) -> asyncpg.Pool:
-        """An asyncpg pool on the host's database, for your own transactions."""
+    def pool(self) -> Any:
+        """The pool the host's loops borrow from, for your own transactions: an asyncpg
+        ``Pool``, or with ``driver="psycopg"`` a ``psycopg_pool.AsyncConnectionPool``."""
         if self._pool is None:
             raise BatchloopError("the Host is not running: use `async with Host(...) as host`")
-        return self._pool
+        return self._pool.pool if isinstance(self._pool, PsycopgPool) else self._pool
 
     def owned(self) -> set[str]:
         """Names whose loops this host runs right now."""
@@ -133,19 +152,14 @@ class Host:
 
     async def __aenter__(self) -> Host:
         import_modules(self.modules)
-        kwargs = self._pool_kwargs
-        pool = self._pool = await create_pool(
-            self.dsn,
-            timeout=self.startup_timeout,
-            min_size=self._pool_sizes[0],
-            max_size=self._pool_sizes[1],
-            **kwargs,
-        )
-        self._ctx = LoopContext(pool, self.schema, self._release)
+        self._pool = await self._create_pool()
+        driver = PsycopgLoopDriver() if self.driver == "psycopg" else AsyncpgLoopDriver()
+        self._ctx = LoopContext(self._pool, self.schema, self._release, driver)
         try:
             async with self._pool.acquire() as conn:
-                found = await _schema_version(AsyncpgSession(conn, self.schema))
-                self._database = await conn.fetchrow(_DATABASE)
+                session = driver.session(conn, self.schema)
+                found = await _schema_version(session)
+                self._database = await session.fetchrow("database")
             check_version(found, self.schema)
             # The host's tasks live in a task of their own, so hosts can be entered and exited
             # in any order and a host failure never cancels the caller's code.
@@ -190,6 +204,29 @@ class Host:
             self._pool = None
             log.info("host %s stopped", self.host_id)
         return None
+
+    async def _create_pool(self) -> Any:
+        min_size, max_size = self._pool_sizes
+        if self.driver == "asyncpg":
+            return await create_pool(
+                self.dsn,
+                timeout=self.startup_timeout,
+                min_size=min_size,
+                max_size=max_size,
+                **self._pool_kwargs,
+            )
+        # Reach the server with asyncpg's retries and clear errors first (a bad database or
+        # role fails at once, a server still starting is waited for); then open the pool.
+        probe = await connect(self.dsn, timeout=self.startup_timeout, **self._connect_kwargs)
+        await probe.close()
+        return await create_psycopg_pool(
+            self.dsn,
+            timeout=self.startup_timeout,
+            min_size=min_size,
+            max_size=max_size,
+            application_name=self.application_name,
+            prepare=self.control_dsn == self.dsn,
+        )
 
     async def _run(self, ready: asyncio.Future[None]) -> None:
         try:
@@ -278,7 +315,9 @@ class Host:
         try:
             await check_dedicated_session(conn, self.control_dsn, **self._connect_kwargs)
             await server_keepalive(conn)
-            if self.control_dsn != self.dsn and await conn.fetchrow(_DATABASE) != self._database:
+            if self.control_dsn != self.dsn and dict(
+                await control.fetchrow("database") or {}
+            ) != dict(self._database or {}):
                 raise BatchloopError(
                     f"control_dsn ({redact(self.control_dsn)}) and dsn ({redact(self.dsn)}) "
                     "lead to different databases"
@@ -514,14 +553,7 @@ class Host:
             await control.conn.close(timeout=2.0)
 
 
-_DATABASE = (
-    "SELECT current_database() AS name, pg_postmaster_start_time() AS started, "
-    "(SELECT oid FROM pg_database WHERE datname = current_database()) AS oid"
-)
-"""Which database a connection reached, to check that ``control_dsn`` and ``dsn`` agree."""
-
-
-async def _schema_version(s: AsyncpgSession) -> int | None:
+async def _schema_version(s: Session) -> int | None:
     try:
         value = await s.fetchval("schema_version")
     except BatchloopError:

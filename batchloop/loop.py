@@ -17,7 +17,7 @@ Each iteration is a single transaction on a pool connection, READ COMMITTED:
 The worker's writes and the bookkeeping commit together or not at all. A failure rolls the
 iteration back, then records the failure in a transaction of its own and retries with backoff.
 The decisions themselves are pure functions in :mod:`batchloop.decide`; the round-trip economy
-is :class:`batchloop.drivers.asyncpg.Iteration`'s.
+is each driver's (:class:`batchloop.drivers.base.Iteration`).
 """
 
 from __future__ import annotations
@@ -32,12 +32,13 @@ from typing import Any, Protocol
 
 import anyio
 import asyncpg
+import psycopg
 
 from . import decide
 from .connect import TRANSIENT
 from .decide import Decision, RunAgain, Sleep
-from .drivers.asyncpg import AsyncpgSession, Iteration
-from .drivers.base import Row
+from .drivers.asyncpg import AsyncpgLoopDriver
+from .drivers.base import LoopDriver, Row, Session, TransactionAborted
 from .errors import Superseded
 from .models import Config, Debounce, Idle, Work
 from .registry import Registered, lookup
@@ -51,9 +52,18 @@ CONNECTION_LOST: tuple[type[BaseException], ...] = (
     asyncpg.InterfaceError,  # the connection was closed under us
     asyncpg.PostgresConnectionError,
     asyncpg.OperatorInterventionError,  # 57xxx: terminated backend, shutdown, restart
+    psycopg.errors.ConnectionException,
+    psycopg.errors.OperatorIntervention,
 )
-"""Failures of the database connection rather than of the user's code: logged without a
-traceback (a server restart is not a bug), but counted and retried like any failure."""
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """A failure of the database connection rather than of the user's code: logged without a
+    traceback (a server restart is not a bug), but counted and retried like any failure."""
+    if isinstance(exc, CONNECTION_LOST):
+        return True
+    # psycopg raises a bare OperationalError (no SQLSTATE) when the socket goes.
+    return isinstance(exc, psycopg.OperationalError) and exc.sqlstate is None
 
 
 class CallableMissing(Exception):
@@ -92,6 +102,8 @@ class LoopContext:
     pool: ConnectionSource
     schema: str
     release: Callable[[NameLoop], Awaitable[None]]
+    driver: LoopDriver = field(default_factory=AsyncpgLoopDriver)
+    """The client library of ``pool``'s connections, which the user's callables get."""
     in_flight: set[int] = field(default_factory=set)
     """Server pids of connections inside an iteration: if the host loses its session, these
     may be zombies still holding row locks, and it ends them before claiming again."""
@@ -197,7 +209,7 @@ class NameLoop:
         """After a poke: how long until we should run, per the database (None: give up)."""
         try:
             async with self.ctx.pool.acquire() as conn:
-                row = await AsyncpgSession(conn, self.ctx.schema).fetchrow(
+                row = await self.ctx.driver.session(conn, self.ctx.schema).fetchrow(
                     "run_in", self.name, self.generation
                 )
         except Exception as exc:
@@ -231,7 +243,7 @@ class NameLoop:
             lease = self.ctx.pool.acquire()
             self._held = (lease, await lease.__aenter__())
         conn = self._held[1]
-        pid = conn.get_server_pid()
+        pid = self.ctx.driver.pid(conn)
         self.ctx.in_flight.add(pid)
         try:
             decision = await self._transaction(conn)
@@ -253,7 +265,9 @@ class NameLoop:
 
     async def _transaction(self, conn: Any) -> Decision:
         # READ COMMITTED whatever the server default: the go-idle re-read needs a fresh snapshot.
-        it = Iteration(conn, self.ctx.schema, self.name, self.generation, self.stop_key)
+        it = self.ctx.driver.iteration(
+            conn, self.ctx.schema, self.name, self.generation, self.stop_key
+        )
         booked = await it.begin(self.bound.revision)
         try:
             if not booked:
@@ -263,9 +277,14 @@ class NameLoop:
             timeout = self.bound.config.iteration_timeout
             with anyio.fail_after(timeout) if timeout is not None else nullcontext():
                 decision, processed = await self._run_callables(conn, it.session)
+            if not it.open():
+                raise TransactionAborted(
+                    f"loop {self.name!r}: a callable ended the iteration's transaction (COMMIT "
+                    "or ROLLBACK on the connection it was given); the loop commits it"
+                )
         except BaseException:
             with anyio.CancelScope(shield=True):
-                if not conn.is_closed():
+                if not self.ctx.driver.broken(conn):
                     await it.rollback()
             raise
         went = isinstance(decision, Sleep)  # go_idle / go_waiting already unbooked
@@ -276,7 +295,7 @@ class NameLoop:
             self.batches += 1
         return decision
 
-    async def _fence(self, s: AsyncpgSession) -> None:
+    async def _fence(self, s: Session) -> None:
         """Why booking failed: superseded (or a stop waiting), new callables, or a due wake-up."""
         fence = await s.fetchrow("fence", self.name, self.generation, self.stop_key)
         if fence is None:
@@ -288,13 +307,13 @@ class NameLoop:
         if fence["status"] == "waiting":
             await s.fetchval("wake_from_timeout", self.name)
 
-    async def _since_work(self, s: AsyncpgSession) -> float:
+    async def _since_work(self, s: Session) -> float:
         if self.once:
             return 1e9  # a tick drains without cooldown polling
         value = await s.fetchval("since_work", self.name)
         return 1e9 if value is None else float(value)
 
-    async def _run_callables(self, conn: Any, s: AsyncpgSession) -> tuple[Decision, bool]:
+    async def _run_callables(self, conn: Any, s: Session) -> tuple[Decision, bool]:
         """Query, then worker or go-idle. True when a batch was processed."""
         result = await self._query(conn)
         if isinstance(result, Work):
@@ -350,7 +369,7 @@ class NameLoop:
         decision = decide.after_failure(
             self.failures, self.bound.config.monitor_lag, random.random()
         )
-        lost = isinstance(exc, CONNECTION_LOST)
+        lost = connection_lost(exc)
         log.log(
             logging.WARNING if lost else logging.ERROR,
             "loop %r failed (%d in a row%s), retrying in %.2fs%s",
@@ -365,7 +384,7 @@ class NameLoop:
         self.last_error = message
         try:
             async with self.ctx.pool.acquire() as conn:
-                count = await AsyncpgSession(conn, self.ctx.schema).fetchval(
+                count = await self.ctx.driver.session(conn, self.ctx.schema).fetchval(
                     "record_failure", self.name, self.generation, message[:4000], decision.delay
                 )
         except Exception as record_exc:

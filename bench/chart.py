@@ -29,6 +29,8 @@ STYLE = {
     "raw-cursor": ("#222222", "o", ":"),
     "batchloop": ("#1f77b4", "s", "-"),
     "batchloop-cursor": ("#1f77b4", "s", ":"),
+    "raw-psycopg": ("#7f7f7f", "o", "--"),
+    "batchloop-psycopg": ("#9467bd", "s", "--"),
     "pgqueuer": ("#2ca02c", "^", "-"),
     "procrastinate": ("#d62728", "D", "-"),
 }

@@ -27,6 +27,11 @@ Systems:
   README) runs the raw DELETE, one transaction per batch with batchloop's own bookkeeping. The
   clock starts when the transaction that pings the (new) name commits and stops when the work
   query first finds nothing (it then returns ``Idle(cooldown=0)``): the same end point as raw.
+* ``raw-psycopg``: the ``raw`` loop written with psycopg 3 (``%s`` parameters, psycopg's
+  default of preparing a statement after its fifth run), to show what the client library
+  itself costs.
+* ``batchloop-psycopg``: a ``Host(driver="psycopg")``: the same work query and worker written
+  for the ``psycopg.AsyncConnection`` they are given.
 * ``batchloop-cursor``: the same with the cursor SELECT. The last id lives in a module-level
   variable the worker sets after its DELETE: fine for a benchmark (one name per process, no
   failures; the final emptiness check would catch a skipped row), not how to keep a cursor in
@@ -68,7 +73,16 @@ import batchloop as bl
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
-SYSTEMS = ("raw", "raw-cursor", "batchloop", "batchloop-cursor", "pgqueuer", "procrastinate")
+SYSTEMS = (
+    "raw",
+    "raw-cursor",
+    "raw-psycopg",
+    "batchloop",
+    "batchloop-cursor",
+    "batchloop-psycopg",
+    "pgqueuer",
+    "procrastinate",
+)
 PEERS = {"pgqueuer": "peers.pgqueuer_peer", "procrastinate": "peers.procrastinate_peer"}
 BASELINE = {"raw-cursor": "raw", "batchloop-cursor": "raw-cursor"}
 """The baseline each system's median is divided by (default: ``raw``)."""
@@ -76,6 +90,8 @@ BASELINE = {"raw-cursor": "raw", "batchloop-cursor": "raw-cursor"}
 SELECT_HEAD = "SELECT id FROM items ORDER BY id LIMIT $1"
 SELECT_AFTER = "SELECT id FROM items WHERE id > $2 ORDER BY id LIMIT $1"
 DELETE = "DELETE FROM items WHERE id = ANY($1::bigint[])"
+PG_SELECT_HEAD = "SELECT id FROM items ORDER BY id LIMIT %s"
+PG_DELETE = "DELETE FROM items WHERE id = ANY(%s::bigint[])"
 NAME = "drain"
 
 
@@ -139,6 +155,37 @@ async def trial_raw(dsn: str, rows: int, batch: int, cursor: bool) -> dict[str, 
     }
 
 
+async def trial_raw_psycopg(dsn: str, rows: int, batch: int) -> dict[str, Any]:
+    import psycopg
+
+    await fill_items(dsn, rows)
+    conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+    batches = 0
+    try:
+        started = time.perf_counter()
+        while True:
+            async with conn.transaction():
+                cur = await conn.execute(PG_SELECT_HEAD, (batch,))
+                found = await cur.fetchall()
+                if not found:
+                    break
+                await conn.execute(PG_DELETE, ([r[0] for r in found],))
+            batches += 1
+        drain_s = time.perf_counter() - started
+    finally:
+        await conn.close()
+    return {
+        "drain_s": drain_s,
+        "batches": batches,
+        "remaining": await remaining(dsn, "items"),
+        "settings": {
+            "connections": 1,
+            "driver": f"psycopg {psycopg.__version__} (prepared after 5 runs, its default)",
+            "transaction": "one explicit transaction per batch",
+        },
+    }
+
+
 @dataclass
 class DrainState:
     """The one name a batchloop trial process drains (one trial per process)."""
@@ -177,25 +224,46 @@ async def drain_worker(conn: Any, batch: list[int]) -> None:
     STATE.last = batch[-1]  # read only by the cursor variant's query
 
 
-async def trial_batchloop(dsn: str, rows: int, batch: int, cursor: bool) -> dict[str, Any]:
+@bl.work_query
+async def drain_query_psycopg(conn: Any, name: str) -> bl.Work[list[int]] | bl.Idle:
+    cur = await conn.execute(PG_SELECT_HEAD, (STATE.batch,))
+    found = await cur.fetchall()
+    return bl.Work([r[0] for r in found]) if found else _finished()
+
+
+@bl.worker
+async def drain_worker_psycopg(conn: Any, batch: list[int]) -> None:
+    await conn.execute(PG_DELETE, (batch,))
+
+
+async def trial_batchloop(dsn: str, rows: int, batch: int, variant: str) -> dict[str, Any]:
     await fill_items(dsn, rows)
     await bl.migrate(dsn)
     STATE.batch, STATE.last, STATE.done = batch, 0, asyncio.Event()
-    query = drain_query_cursor if cursor else drain_query
-    async with bl.Host(dsn) as host, host.pool.acquire() as conn:
-        async with conn.transaction():
-            await bl.ping(conn, NAME, query, drain_worker, config=bl.Config())
-        started = time.perf_counter()
-        await STATE.done.wait()
-        drain_s = STATE.finished - started
-        status = await bl.status(conn, NAME)
+    query, worker = {
+        "": (drain_query, drain_worker),
+        "cursor": (drain_query_cursor, drain_worker),
+        "psycopg": (drain_query_psycopg, drain_worker_psycopg),
+    }[variant]
+    driver = "psycopg" if variant == "psycopg" else "asyncpg"
+    async with bl.Host(dsn, driver=driver):
+        conn = await asyncpg.connect(dsn)
+        try:
+            async with conn.transaction():
+                await bl.ping(conn, NAME, query, worker, config=bl.Config())
+            started = time.perf_counter()
+            await STATE.done.wait()
+            drain_s = STATE.finished - started
+            status = await bl.status(conn, NAME)
+        finally:
+            await conn.close()
     assert status is not None
     return {
         "drain_s": drain_s,
         "batches": status.batches,
         "remaining": await remaining(dsn, "items"),
         "settings": {
-            "driver": "asyncpg (Host pool)",
+            "driver": f"{driver} (Host pool)",
             "host": "Host defaults (pool 1..10, monitor 0.5 s, heartbeat 1 s)",
             "config": "Config() (debounce 0)",
             "worker_annotation": "batch: list[int] (validated by pydantic)",
@@ -207,8 +275,10 @@ async def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     system, dsn, rows, batch = spec["system"], spec["dsn"], spec["rows"], spec["batch"]
     if system in ("raw", "raw-cursor"):
         return await trial_raw(dsn, rows, batch, cursor=system == "raw-cursor")
-    if system in ("batchloop", "batchloop-cursor"):
-        return await trial_batchloop(dsn, rows, batch, cursor=system == "batchloop-cursor")
+    if system == "raw-psycopg":
+        return await trial_raw_psycopg(dsn, rows, batch)
+    if system.startswith("batchloop"):
+        return await trial_batchloop(dsn, rows, batch, system.partition("-")[2])
     peer = import_module(PEERS[system])
     result: dict[str, Any] = await peer.trial(dsn, rows, batch, spec.get("options", {}))
     return result

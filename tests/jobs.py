@@ -9,8 +9,11 @@ hold a batch open) live in ``KNOBS``, which only this process reads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
+
+import asyncpg
 
 import batchloop as bl
 
@@ -39,6 +42,10 @@ class Knobs:
     idle_gate: asyncio.Event | None = None
     """If set, the work query, having found nothing, waits for it before returning Idle."""
     idle_entered: asyncio.Event = field(default_factory=asyncio.Event)
+    swallow_errors: int = 0
+    """Run a failing statement and catch its error (no savepoint) this many times."""
+    commit_itself: int = 0
+    """COMMIT the loop's transaction from inside the worker this many times."""
 
 
 KNOBS: dict[str, Knobs] = {}
@@ -93,6 +100,13 @@ async def process_items(conn: Any, batch: list[int]) -> bl.Debounce | None:
     if k.fail_times > 0:
         k.fail_times -= 1
         raise RuntimeError(f"injected failure for {name}")
+    if k.swallow_errors > 0:
+        k.swallow_errors -= 1
+        with contextlib.suppress(asyncpg.DivisionByZeroError):  # wrong: aborts the transaction
+            await conn.execute("SELECT 1 / 0")
+    if k.commit_itself > 0:
+        k.commit_itself -= 1
+        await conn.execute("COMMIT")
     return bl.Debounce(k.debounce) if k.debounce is not None else None
 
 

@@ -19,7 +19,16 @@ from typing import Any
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-SYSTEMS = ("raw", "raw-cursor", "batchloop", "batchloop-cursor", "pgqueuer", "procrastinate")
+SYSTEMS = (
+    "raw",
+    "raw-cursor",
+    "raw-psycopg",
+    "batchloop",
+    "batchloop-cursor",
+    "batchloop-psycopg",
+    "pgqueuer",
+    "procrastinate",
+)
 PEERS = ("pgqueuer", "procrastinate")
 ROWS, BATCH1_ROWS, BATCHES = 250, 20, (1, 100)
 

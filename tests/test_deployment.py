@@ -40,6 +40,7 @@ import batchloop as bl
 from batchloop.connect import check_dedicated_session
 from batchloop.errors import SessionRequiredError
 
+import psycopg_jobs
 from helpers import count as _count
 from helpers import wait_for
 from jobs import KNOBS, Knobs, create_tables, insert_and_ping, knobs
@@ -177,8 +178,6 @@ def _fresh_knobs(name: str) -> Knobs:
     """The shared callables' knobs for ``name``, reset (they outlive a test in KNOBS)."""
     KNOBS.pop(name, None)
     return knobs(name)
-
-
 
 
 async def _setup(dsn: str) -> asyncpg.Connection:
@@ -488,6 +487,40 @@ async def test_host_with_direct_control_dsn_and_pool_through_pgbouncer(migrated_
             assert await insert_and_ping(conn, "cd2", 1) == "woken"
             await wait_for(lambda: _count(conn, "SELECT count(*) FROM done"), expect=601)
         assert await _count(conn, ADVISORY_LOCKS) == 0
+    await conn.close()
+
+
+async def test_psycopg_host_with_its_pool_through_pgbouncer(migrated_dsn: str) -> None:
+    """The same with driver="psycopg": its pool connections through the pooler get
+    prepare_threshold=None (psycopg would otherwise prepare a statement after its fifth run, on
+    whichever server connection it had then). 20 batches per name, so every statement runs far
+    more than five times."""
+    conn = await _setup(migrated_dsn)
+    producer = await psycopg.AsyncConnection.connect(migrated_dsn, autocommit=True)
+    names = ["pcd1", "pcd2", "pcd3"]
+    for n in names:
+        psycopg_jobs.KNOBS.pop(n, None)
+        psycopg_jobs.knobs(n).limit = 10
+    async with pgbouncer(migrated_dsn, pool_size=2) as bouncer:
+        async with bl.Host(
+            bouncer,
+            control_dsn=migrated_dsn,
+            modules=["psycopg_jobs"],
+            pool_max_size=4,
+            driver="psycopg",
+        ):
+            for n in names:
+                await psycopg_jobs.insert_and_ping(producer, n, 200)
+            await wait_for(lambda: _count(conn, "SELECT count(*) FROM done"), expect=600)
+            assert await _count(conn, "SELECT count(DISTINCT item_id) FROM done") == 600
+            for n in names:
+                st = await wait_for(
+                    lambda n=n: bl.status(conn, n), expect=lambda s: s.state == "idle"
+                )
+                assert st.batches == 20
+                assert st.consecutive_failures == 0 and st.last_error is None, st.last_error
+        assert await _count(conn, ADVISORY_LOCKS) == 0
+    await producer.close()
     await conn.close()
 
 

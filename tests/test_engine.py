@@ -58,8 +58,6 @@ async def test_ping_creates_worker_and_host_drains_it(migrated_dsn: str) -> None
     await conn.close()
 
 
-
-
 async def test_ping_refuses_unregistered_callables_and_creates_nothing(migrated_dsn: str) -> None:
     conn = await _setup(migrated_dsn)
 

@@ -18,8 +18,6 @@ from jobs import create_tables, insert_and_ping, knobs, next_items, process_item
 pytestmark = pytest.mark.anyio
 
 
-
-
 async def test_two_hosts_never_overlap_on_a_name(migrated_dsn: str) -> None:
     conn = await asyncpg.connect(migrated_dsn)
     await create_tables(conn)

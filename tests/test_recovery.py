@@ -16,8 +16,6 @@ from jobs import create_tables, insert_and_ping, knobs, next_items, process_item
 pytestmark = pytest.mark.anyio
 
 
-
-
 async def test_host_recovers_when_declared_dead_while_busy(migrated_dsn: str) -> None:
     """Its heartbeat finds its row gone: it must drop the session and come back, not livelock."""
     conn = await asyncpg.connect(migrated_dsn)

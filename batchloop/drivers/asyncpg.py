@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 
 from .. import sql
-from .base import Row, translate
+from .base import Row, check_committed, closing, translate
 
 
 class AsyncpgSession:
@@ -46,27 +46,6 @@ class AsyncpgSession:
         await self._conn.execute(text)
 
 
-def _literal(value: object) -> str | None:
-    """``value`` as an SQL literal, or None if it cannot be inlined safely."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        return None
-    if isinstance(value, str):
-        # Dollar quoting does not depend on standard_conforming_strings.
-        if "$bl$" in value or "\x00" in value or value.endswith("$"):
-            return None
-        return f"$bl${value}$bl$"
-    return repr(float(value)) if isinstance(value, float) else str(value)
-
-
-def _inline(text: str, args: tuple[object, ...]) -> str | None:
-    literals = [_literal(a) for a in args]
-    if any(lit is None for lit in literals):
-        return None
-    for n in range(len(literals), 0, -1):  # $10 before $1
-        text = text.replace(f"${n}", literals[n - 1])  # type: ignore[arg-type]
-    return text
-
-
 class Iteration:
     """One loop iteration's transaction, in as few round trips as asyncpg allows.
 
@@ -87,7 +66,7 @@ class Iteration:
         self._inlined = False
 
     def _sql(self, name: str, *args: object) -> str | None:
-        return _inline(sql.query(name, self._schema), args) if _CAN_ADOPT else None
+        return sql.inline(name, self._schema, *args) if _CAN_ADOPT else None
 
     async def begin(self, revision: int) -> bool:
         """Open the transaction and book a batch; False if the fence did not match."""
@@ -95,7 +74,11 @@ class Iteration:
         book = self._sql("book_batch", *key)
         if book is None:
             await self._tx.start()
-            return await self.book(revision)
+            try:
+                return await self.book(revision)
+            except BaseException:
+                await self._tx.rollback()
+                raise
         try:
             tag = await self.conn.execute(f"BEGIN ISOLATION LEVEL READ COMMITTED; {book}")
         except BaseException:
@@ -118,24 +101,51 @@ class Iteration:
         return bool(tag == "UPDATE 1")
 
     async def commit(self, *, unbook: bool, debounce: float = 0.0) -> None:
-        """Commit; ``unbook`` when no batch was processed, ``debounce`` to delay the next run."""
-        parts: list[tuple[str, tuple[object, ...]]] = []
-        if unbook:
-            parts.append(("unbook_batch", (self._name, self._generation)))
-        elif debounce > 0:
-            parts.append(("debounce", (self._name, self._generation, float(debounce))))
+        parts = closing(self._name, self._generation, unbook=unbook, debounce=debounce)
         if self._inlined:
             inlined = [self._sql(name, *args) for name, args in parts]
             if all(text is not None for text in inlined):
-                await self.conn.execute("; ".join([*inlined, "COMMIT"]))  # type: ignore[list-item]
-                _committed(self._tx)
+                tag = await self.conn.execute("; ".join([*inlined, "COMMIT"]))  # type: ignore[list-item]
+                _ended(self._tx)
+                check_committed(tag, self._name)
                 return
         for name, args in parts:
             await self.conn.execute(sql.query(name, self._schema), *args)
-        await self._tx.commit()
+        if not _CAN_ADOPT:
+            await self._tx.commit()
+            return
+        tag = await self.conn.execute("COMMIT")
+        _ended(self._tx)
+        check_committed(tag, self._name)
+
+    def open(self) -> bool:
+        return bool(self.conn.is_in_transaction())
 
     async def rollback(self) -> None:
+        if _CAN_ADOPT and not self.conn.is_in_transaction():
+            _ended(self._tx)  # user code ended it: nothing left to roll back
+            return
         await self._tx.rollback()
+
+
+class AsyncpgLoopDriver:
+    """Loops whose callables get asyncpg connections (from the host's asyncpg pool)."""
+
+    name = "asyncpg"
+
+    def session(self, conn: Any, schema: str) -> AsyncpgSession:
+        return AsyncpgSession(conn, schema)
+
+    def iteration(
+        self, conn: Any, schema: str, name: str, generation: int, stop_key: int
+    ) -> Iteration:
+        return Iteration(conn, schema, name, generation, stop_key)
+
+    def pid(self, conn: Any) -> int:
+        return int(conn.get_server_pid())
+
+    def broken(self, conn: Any) -> bool:
+        return bool(conn.is_closed())
 
 
 try:
@@ -155,6 +165,6 @@ def _adopt(tx: Any) -> None:
     tx._connection._top_xact = tx
 
 
-def _committed(tx: Any) -> None:
+def _ended(tx: Any) -> None:
     tx._state = TransactionState.COMMITTED
     tx._connection._top_xact = None

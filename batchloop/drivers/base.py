@@ -35,6 +35,79 @@ class Session(Protocol):
         ...
 
 
+class Iteration(Protocol):
+    """One loop iteration's transaction on a connection that user callables share."""
+
+    @property
+    def session(self) -> Session:
+        """Named queries inside the iteration's transaction."""
+        ...
+
+    async def begin(self, revision: int) -> bool:
+        """Open the transaction (READ COMMITTED) and book a batch; False if the fence did
+        not match (then the loop runs the full fence inside the same transaction)."""
+        ...
+
+    async def book(self, revision: int) -> bool:
+        """Book a batch after the full fence sorted things out."""
+        ...
+
+    def open(self) -> bool:
+        """Whether the transaction is still open (user code must not end it)."""
+        ...
+
+    async def commit(self, *, unbook: bool, debounce: float = 0.0) -> None:
+        """Commit; ``unbook`` when no batch was processed, ``debounce`` to delay the next run."""
+        ...
+
+    async def rollback(self) -> None: ...
+
+
+class LoopDriver(Protocol):
+    """What a loop needs of the client library whose connections run the user's callables."""
+
+    name: str
+
+    def session(self, conn: Any, schema: str) -> Session: ...
+
+    def iteration(
+        self, conn: Any, schema: str, name: str, generation: int, stop_key: int
+    ) -> Iteration: ...
+
+    def pid(self, conn: Any) -> int:
+        """The server process behind ``conn`` (to end it if this host loses its session)."""
+        ...
+
+    def broken(self, conn: Any) -> bool:
+        """Whether ``conn`` is closed or lost, so rolling back on it is pointless."""
+        ...
+
+
+def closing(
+    name: str, generation: int, *, unbook: bool, debounce: float
+) -> list[tuple[str, tuple[object, ...]]]:
+    """The named queries (with arguments) an iteration sends with its ``COMMIT``."""
+    if unbook:
+        return [("unbook_batch", (name, generation))]
+    if debounce > 0:
+        return [("debounce", (name, generation, float(debounce)))]
+    return []
+
+
+def check_committed(tag: str, name: str) -> None:
+    """PostgreSQL answers COMMIT of a failed transaction with ROLLBACK, not an error."""
+    if tag != "COMMIT":
+        raise TransactionAborted(
+            f"loop {name!r}: the iteration's transaction was rolled back at COMMIT ({tag}): a "
+            "statement in it failed and its error was caught inside a callable; let it "
+            "propagate, or catch it inside `async with conn.transaction():` (a savepoint)"
+        )
+
+
+class TransactionAborted(RuntimeError):
+    """An iteration's transaction could not commit, or user code ended it."""
+
+
 def translate(exc: BaseException, schema: str) -> BaseException | None:
     """Our error for a server error that means the schema is missing, outdated or too new."""
     state = getattr(exc, "sqlstate", None)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 
 from .. import sql
-from .base import Row, translate
+from .base import Row, check_committed, closing, translate
 
 
 def _params(args: tuple[Any, ...]) -> dict[str, Any]:
@@ -47,6 +49,106 @@ class PsycopgSession:
 
     async def script(self, text: str) -> None:
         await self._conn.execute(text.encode())
+
+
+class PsycopgIteration:
+    """An iteration's transaction on an autocommit psycopg connection, begun by us.
+
+    ``BEGIN`` travels with ``book_batch`` and the closing statements with ``COMMIT`` in one
+    simple-protocol message each (psycopg sends a query without parameters that way). psycopg
+    reads the connection's real transaction status, so ``conn.transaction()`` in user code
+    nests as a savepoint without any help.
+    """
+
+    def __init__(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        schema: str,
+        name: str,
+        generation: int,
+        stop_key: int,
+    ) -> None:
+        self.conn = conn
+        self.session = PsycopgSession(conn, schema)
+        self._schema = schema
+        self._name, self._generation, self._stop_key = name, generation, stop_key
+
+    async def begin(self, revision: int) -> bool:
+        key = (self._name, self._generation, revision, self._stop_key)
+        book = sql.inline("book_batch", self._schema, *key)
+        try:
+            if book is None:
+                await self.conn.execute(b"BEGIN ISOLATION LEVEL READ COMMITTED")
+                return await self.book(revision)
+            cur = await self.conn.execute(f"BEGIN ISOLATION LEVEL READ COMMITTED; {book}".encode())
+        except BaseException:
+            await self.rollback()
+            raise
+        cur.nextset()
+        return cur.rowcount == 1
+
+    async def book(self, revision: int) -> bool:
+        key = (self._name, self._generation, revision, self._stop_key)
+        cur = await self.conn.execute(sql.pyformat("book_batch", self._schema), _params(key))
+        return cur.rowcount == 1
+
+    def open(self) -> bool:
+        return self.conn.info.transaction_status != TransactionStatus.IDLE
+
+    async def commit(self, *, unbook: bool, debounce: float = 0.0) -> None:
+        parts = closing(self._name, self._generation, unbook=unbook, debounce=debounce)
+        inlined = [sql.inline(name, self._schema, *args) for name, args in parts]
+        if all(text is not None for text in inlined):
+            cur = await self.conn.execute("; ".join([*inlined, "COMMIT"]).encode())  # type: ignore[list-item]
+            while cur.nextset():
+                pass
+        else:
+            for name, args in parts:
+                await self.conn.execute(sql.pyformat(name, self._schema), _params(args))
+            cur = await self.conn.execute(b"COMMIT")
+        check_committed(cur.statusmessage or "", self._name)
+
+    async def rollback(self) -> None:
+        if self.conn.info.transaction_status in (TransactionStatus.INTRANS, _INERROR):
+            await self.conn.execute(b"ROLLBACK")
+
+
+_INERROR = TransactionStatus.INERROR
+
+
+class PsycopgLoopDriver:
+    """Loops whose callables get psycopg AsyncConnections (``Host(driver="psycopg")``)."""
+
+    name = "psycopg"
+
+    def session(self, conn: Any, schema: str) -> PsycopgSession:
+        return PsycopgSession(conn, schema)
+
+    def iteration(
+        self, conn: Any, schema: str, name: str, generation: int, stop_key: int
+    ) -> PsycopgIteration:
+        return PsycopgIteration(conn, schema, name, generation, stop_key)
+
+    def pid(self, conn: Any) -> int:
+        return int(conn.info.backend_pid)
+
+    def broken(self, conn: Any) -> bool:
+        return bool(conn.closed or conn.broken)
+
+
+class PsycopgPool:
+    """A psycopg_pool.AsyncConnectionPool lending connections the way the loop asks for them."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        async with self.pool.connection() as conn:
+            yield conn
+
+    async def close(self) -> None:
+        await self.pool.close()
 
 
 class SyncPsycopgSession:

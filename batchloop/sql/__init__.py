@@ -33,3 +33,27 @@ def query(name: str, schema: str) -> str:
 def pyformat(name: str, schema: str) -> str:
     """The same query with ``%(pN)s`` parameters (psycopg's style)."""
     return _PARAM.sub(r"%(p\1)s", query(name, schema).replace("%", "%%"))
+
+
+def literal(value: object) -> str | None:
+    """``value`` as an SQL literal, or None if it cannot be inlined safely."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    if isinstance(value, str):
+        # Dollar quoting does not depend on standard_conforming_strings.
+        if "$bl$" in value or "\x00" in value or value.endswith("$"):
+            return None
+        return f"$bl${value}$bl$"
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def inline(name: str, schema: str, *args: object) -> str | None:
+    """The query with its parameters inlined as literals, to send in one simple-protocol
+    message with other statements; None if some value cannot be inlined safely."""
+    literals = [literal(a) for a in args]
+    if any(lit is None for lit in literals):
+        return None
+    text = query(name, schema)
+    for n in range(len(literals), 0, -1):  # $10 before $1
+        text = text.replace(f"${n}", literals[n - 1])  # type: ignore[arg-type]
+    return text

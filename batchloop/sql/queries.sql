@@ -34,6 +34,11 @@ SELECT w.name, w.status, s.generation, w.work_query, w.worker, w.config::text AS
  WHERE ($1::text IS NULL OR w.name = $1)
  ORDER BY w.name
 
+-- name: database
+-- Which database a connection reached, to check that a host's control_dsn and dsn agree.
+SELECT current_database() AS name, pg_postmaster_start_time() AS started,
+       (SELECT oid FROM pg_database WHERE datname = current_database()) AS oid
+
 -- name: claim
 SELECT generation, status, revision, work_query, worker, config::text AS config,
        consecutive_failures, run_in, since_work, lock_key, stop_key
