@@ -91,7 +91,7 @@ async def _drain(control: Control, wanted: set[str] | None, deadline: float) -> 
     async def release(loop: NameLoop) -> None:
         if conn.is_in_transaction():  # only if an iteration was cut off mid-way
             await conn.execute("ROLLBACK")
-        await control.fetchval("unlock", loop.lock_key)
+        await control.fetchval("unlock", [loop.lock_key])
 
     for name in due:
         if anyio.current_time() >= deadline:
@@ -103,7 +103,7 @@ async def _drain(control: Control, wanted: set[str] | None, deadline: float) -> 
         try:
             bound = Bound.from_row(row)
         except Exception as exc:
-            await control.fetchval("unlock", row["lock_key"])
+            await control.fetchval("unlock", [row["lock_key"]])
             report.failed.append(TickFailure(name=name, error=str(exc)))
             continue
         ctx = LoopContext(_OneConnection(conn), schema, release)

@@ -360,18 +360,27 @@ class Host:
 
     async def _dispatch(self) -> None:
         async for payload in self._inbox:
-            kind, _, rest = payload.partition(":")
-            _key, _, name = rest.partition(":")
-            loop = self._loops.get(name)
-            if kind == "s":
-                if loop is not None:
-                    loop.stopping = True
-                    loop.wake()
-            elif kind in ("w", "r"):
-                if loop is not None:
-                    loop.wake()
-                elif name not in self._foreign:
-                    await self._claim(name)
+            # Whatever else has arrived goes with it: a burst of pings is claimed in batches.
+            payloads = [payload]
+            with contextlib.suppress(anyio.WouldBlock):
+                while len(payloads) < CLAIM_BATCH:
+                    payloads.append(self._inbox.receive_nowait())
+            wanted: list[str] = []
+            for p in payloads:
+                kind, _, rest = p.partition(":")
+                _key, _, name = rest.partition(":")
+                loop = self._loops.get(name)
+                if kind == "s":
+                    if loop is not None:
+                        loop.stopping = True
+                        loop.wake()
+                elif kind in ("w", "r"):
+                    if loop is not None:
+                        loop.wake()
+                    elif name not in self._foreign:
+                        wanted.append(name)
+            if wanted:
+                await self._claim(wanted)
 
     # ------------------------------------------------------------------ claims
 
@@ -396,6 +405,7 @@ class Host:
             if not isinstance(exc, asyncpg.PostgresError):
                 control.fail()  # timed out or broken: start a fresh session
             return
+        wanted: list[str] = []
         for row in rows:
             name, stale = row["name"], row["stale_owner"]
             if stale is not None:
@@ -403,7 +413,8 @@ class Host:
                     await self._end_host(control, stale)
             elif self._runnable(row["work_query"], row["worker"]):
                 self._foreign.discard(name)
-                await self._claim(name)
+                wanted.append(name)
+        await self._claim(wanted)
 
     def _runnable(self, query_ref: str, worker_ref: str) -> bool:
         if lookup(query_ref, "work_query") and lookup(worker_ref, "worker"):
@@ -468,28 +479,43 @@ class Host:
             and not tg.cancel_scope.cancel_called
         )
 
-    async def _claim(self, name: str) -> None:
+    async def _claim(self, names: list[str], unlock: list[int] | None = None) -> None:
+        """Claim ``names`` (those not already ours), after unlocking ``unlock``: one statement
+        per ``CLAIM_BATCH`` names."""
+        if not self._session_alive():
+            return
+        wanted = [
+            n for n in dict.fromkeys(names) if n not in self._loops and n not in self._claiming
+        ]
+        self._claiming.update(wanted)
+        try:
+            for i in range(0, max(len(wanted), 1), CLAIM_BATCH):
+                await self._claim_batch(wanted[i : i + CLAIM_BATCH], unlock if i == 0 else None)
+        finally:
+            self._claiming.difference_update(wanted)
+
+    async def _claim_batch(self, names: list[str], unlock: list[int] | None) -> None:
         control, tg = self._control, self._session_tg
-        if not self._session_alive() or name in self._loops or name in self._claiming:
+        if (not names and not unlock) or not self._session_alive():
             return
         assert control is not None and tg is not None
-        self._claiming.add(name)
         try:
-            try:
-                row = await control.fetchrow("claim", name, self.host_id)
-            except asyncpg.PostgresError as exc:
-                log.warning("host %s: claim of %r failed: %s", self.host_id, name, exc)
-                return  # the claim function released the name's lock itself
-            except Exception as exc:
-                # Did the claim take the lock? Unknown: drop the session, and every lock.
-                log.warning("host %s: claim of %r failed: %s", self.host_id, name, exc)
+            rows = await control.fetch("claim_many", names, self.host_id, unlock or [])
+        except Exception as exc:
+            log.warning("host %s: claim of %s failed: %s", self.host_id, _some(names), exc)
+            if not isinstance(exc, asyncpg.PostgresError):
+                # Did it take locks? Unknown: drop the session, and every lock.
                 control.fail()
-                return
-            if row is None:
-                return
-            if not self._session_alive():
-                await self._unlock(control, row["lock_key"])
-                return
+            elif unlock:
+                # The claims gave back what they took; the unlocks may not have happened.
+                await self._unlock(control, unlock)
+            return
+        if not self._session_alive():
+            await self._unlock(control, [row["lock_key"] for row in rows])
+            return
+        refused: list[int] = []
+        for row in rows:
+            name = row["name"]
             try:
                 bound = Bound.from_row(row)
             except Exception as exc:
@@ -498,34 +524,32 @@ class Host:
                     self._foreign.add(name)
                 else:
                     log.error("host %s: cannot run %r: %s", self.host_id, name, exc)
-                await self._unlock(control, row["lock_key"])
-                return
+                refused.append(row["lock_key"])
+                continue
             loop = NameLoop.claimed(self._ctx, name, row, bound)
             self._loops[name] = loop
             log.debug("host %s claimed %r generation %d", self.host_id, name, loop.generation)
             tg.start_soon(loop.run, name=f"batchloop:{name}")
-        finally:
-            self._claiming.discard(name)
+        if refused:
+            await self._unlock(control, refused)
 
-    async def _unlock(self, control: Control, key: int) -> None:
+    async def _unlock(self, control: Control, keys: list[int]) -> None:
         try:
-            await control.fetchval("unlock", key)
+            await control.fetchval("unlock", keys)
         except Exception as exc:
             log.warning("host %s: unlock failed (%s); dropping the session", self.host_id, exc)
             control.fail()
 
     async def _release(self, loop: NameLoop) -> None:
-        """A loop ended: unlock its name, then re-check it (a ping may have raced us)."""
+        """A loop ended: unlock its name and re-check it in one statement (a ping may have
+        raced the loop's end)."""
         if self._loops.get(loop.name) is loop:
             del self._loops[loop.name]
         if not self._loops:
             self._drained.set()
-        control = self._control
-        if control is None or not self._session_alive():
+        if not self._session_alive():
             return  # closing keeps locks for the goodbye; a dying session loses them anyway
-        await self._unlock(control, loop.lock_key)
-        if not loop.unrunnable:
-            await self._claim(loop.name)
+        await self._claim([] if loop.unrunnable else [loop.name], unlock=[loop.lock_key])
 
     # ------------------------------------------------------------------ shutdown
 
@@ -551,6 +575,15 @@ class Host:
             log.warning("host %s: goodbye failed: %s", self.host_id, exc)
         finally:
             await control.conn.close(timeout=2.0)
+
+
+CLAIM_BATCH = 100
+"""Names claimed per statement: a burst of pings costs one round trip and one commit per this
+many names, and each statement stays far below the control connection's statement timeout."""
+
+
+def _some(names: list[str]) -> str:
+    return repr(names[0]) if len(names) == 1 else f"{len(names)} names"
 
 
 async def _schema_version(s: Session) -> int | None:

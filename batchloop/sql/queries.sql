@@ -44,8 +44,14 @@ SELECT generation, status, revision, work_query, worker, config::text AS config,
        consecutive_failures, run_in, since_work, lock_key, stop_key
   FROM {schema}.claim($1, $2)
 
+-- name: claim_many
+-- Unlock $3 (names this host let go), then claim each of $1 that needs an owner.
+SELECT name, generation, status, revision, work_query, worker, config::text AS config,
+       consecutive_failures, run_in, since_work, lock_key, stop_key
+  FROM {schema}.claim_many($1::text[], $2, $3::bigint[])
+
 -- name: unlock
-SELECT pg_advisory_unlock($1)
+SELECT count(*) FILTER (WHERE pg_advisory_unlock(k)) FROM unnest($1::bigint[]) k
 
 -- name: register_host
 INSERT INTO {schema}.hosts (host_id, hostname, pid) VALUES ($1, $2, $3)

@@ -1,0 +1,101 @@
+"""Claims in batches: a burst of pings is claimed a hundred names per statement, and a claim
+that fails half-way gives back every session lock it took."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import pytest
+
+import batchloop as bl
+from batchloop.control import Control
+
+from helpers import count, wait_for
+from invariants import assert_invariants
+from jobs import create_tables, knobs, next_items, process_items
+
+pytestmark = pytest.mark.anyio
+
+OUR_LOCKS = """
+SELECT count(*) FROM pg_locks
+ WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted
+"""
+
+
+async def test_a_burst_of_names_is_claimed_in_batches_and_spread(
+    migrated_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conn = await asyncpg.connect(migrated_dsn)
+    await create_tables(conn)
+    names = [f"burst{i:03}" for i in range(300)]
+    for n in names:
+        knobs(n).limit = 10
+        knobs(n).idle = bl.Idle(cooldown=0.0)
+    claims: list[int] = []
+    real_fetch = Control.fetch
+
+    async def counting_fetch(self: Control, name: str, *args: Any) -> Any:
+        if name == "claim_many":
+            claims.append(len(args[0]))
+        return await real_fetch(self, name, *args)
+
+    monkeypatch.setattr(Control, "fetch", counting_fetch)
+    async with (
+        bl.Host(migrated_dsn, modules=["jobs"], pool_max_size=4) as a,
+        bl.Host(migrated_dsn, modules=["jobs"], pool_max_size=4) as b,
+    ):
+        async with conn.transaction():
+            await conn.execute(
+                "INSERT INTO items (name, value) SELECT n, 1 FROM unnest($1::text[]) n",
+                names,
+            )
+            for n in names:
+                await bl.ping(conn, n, next_items, process_items)
+        await wait_for(lambda: count(conn, "SELECT count(*) FROM items"), expect=0, timeout=30)
+        ran = await conn.fetch("SELECT DISTINCT pid FROM done")
+        assert not (a.owned() & b.owned())
+    await assert_invariants(conn, 300)
+    # 300 names reached two hosts by 300 NOTIFYs; each host asked for them in a few statements
+    # (some names twice: once on its NOTIFY, once when the loop let it go)
+    assert max(claims) > 1, claims
+    asked = [c for c in claims if c > 1]
+    assert sum(asked) >= 300 and len(asked) < 300, claims
+    assert len(ran) >= 2  # both hosts' pools ran batches
+    await conn.close()
+
+
+async def test_a_failed_batch_claim_gives_back_the_locks_it_took(migrated_dsn: str) -> None:
+    conn = await asyncpg.connect(migrated_dsn)
+    await create_tables(conn)
+    for n in ("first", "boom", "last"):
+        await bl.ping(conn, n, next_items, process_items)  # running, nobody owns them
+    # make the claim of "boom" fail after "first" was claimed (its session lock taken)
+    await conn.execute(
+        """
+        CREATE FUNCTION batchloop.t_boom() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.name = 'boom' AND NEW.generation <> OLD.generation THEN
+                RAISE EXCEPTION 'boom';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER boom BEFORE UPDATE ON batchloop.worker_state
+           FOR EACH ROW EXECUTE FUNCTION batchloop.t_boom();
+        """
+    )
+    claimer = await asyncpg.connect(migrated_dsn)
+    control = Control(claimer, "batchloop")
+    with pytest.raises(asyncpg.RaiseError, match="boom"):
+        await control.fetch("claim_many", ["first", "boom", "last"], "h1", [])
+    assert await count(claimer, OUR_LOCKS) == 0
+    # and without the failing name, the others are claimed and locked
+    rows = await control.fetch("claim_many", ["first", "last", "nope"], "h1", [])
+    assert [r["name"] for r in rows] == ["first", "last"]
+    assert await count(claimer, OUR_LOCKS) == 2
+    # unlocking as part of the next claim
+    rows = await control.fetch("claim_many", [], "h1", [r["lock_key"] for r in rows])
+    assert rows == [] and await count(claimer, OUR_LOCKS) == 0
+    control.detach()
+    await claimer.close()
+    await conn.close()
