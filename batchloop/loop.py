@@ -132,6 +132,9 @@ class NameLoop:
     cancelled."""
     batches: int = 0
     last_error: str | None = None
+    worked_at: float = 0.0
+    """``anyio.current_time()`` of the last batch or wake, for the cooldown: set from the
+    database's ``since_work`` at the claim and at every re-arm, then by our own batches."""
     _held: tuple[AbstractAsyncContextManager[Any], Any] | None = None
     """A pool connection kept between iterations that follow each other without a pause,
     which spares a pool round trip (asyncpg resets connections on release) per batch."""
@@ -150,6 +153,7 @@ class NameLoop:
             bound=bound,
             failures=row["consecutive_failures"],
             first_delay=row["run_in"],
+            worked_at=anyio.current_time() - row["since_work"],
             **options,
         )
 
@@ -217,6 +221,7 @@ class NameLoop:
             return 0.0  # the iteration's fence decides, and its failure path backs off
         if row is None or row["status"] in ("idle", "stopped"):
             return None
+        self.worked_at = anyio.current_time() - row["since_work"]  # a ping's wake counts
         return float(row["run_in"])
 
     async def _iterate_or_fail(self) -> Decision | None:
@@ -293,6 +298,7 @@ class NameLoop:
         if processed:
             self.failures = 0
             self.batches += 1
+            self.worked_at = anyio.current_time()
         return decision
 
     async def _fence(self, s: Session) -> None:
@@ -307,18 +313,13 @@ class NameLoop:
         if fence["status"] == "waiting":
             await s.fetchval("wake_from_timeout", self.name)
 
-    async def _since_work(self, s: Session) -> float:
-        if self.once:
-            return 1e9  # a tick drains without cooldown polling
-        value = await s.fetchval("since_work", self.name)
-        return 1e9 if value is None else float(value)
-
     async def _run_callables(self, conn: Any, s: Session) -> tuple[Decision, bool]:
         """Query, then worker or go-idle. True when a batch was processed."""
         result = await self._query(conn)
         if isinstance(result, Work):
             return await self._process(conn, result), True
-        decision = decide.after_idle(result, await self._since_work(s))
+        since_work = 1e9 if self.once else anyio.current_time() - self.worked_at
+        decision = decide.after_idle(result, since_work)
         if isinstance(decision, RunAgain):
             return decision, False
         if not await s.fetchval("try_go_idle", self.name):

@@ -56,9 +56,12 @@ while its pool connection lived on). The worker's writes and the bookkeeping (``
 
 Who is authoritative
 --------------------
-The database, always, with its own clock: deadlines (``next_run_at``), cooldowns
-(``now() - last_work_at``) and heartbeats are ``now()`` values compared in SQL. A host's clock
-only measures how long to sleep.
+The database, always, with its own clock: deadlines (``next_run_at``) and heartbeats are
+``now()`` values compared in SQL. A host's clock only measures durations: how long to sleep, and
+how long a loop has been cooling down since its last batch (counted from the database's
+``now() - last_work_at`` at the claim and after every wake-up, then from its own batches; the
+cooldown only decides when to stop polling, and going idle is confirmed under the wake lock
+whatever it says).
 
 No lost wakeup
 --------------
@@ -102,9 +105,11 @@ tick"), takes the session lock last, and releases it if anything fails after tha
 session lock survives the statement's rollback. Hosts claim in batches (``claim_many``: the
 notifications that arrived together, a monitor tick's orphans, or a released name's re-check
 together with its unlock), up to 100 names per statement and one commit; a batch that fails
-half-way unlocks every name it had taken before the error propagates. A control connection whose state is in doubt (a timed-out statement, a
-missed heartbeat, a host row deleted by another host) is terminated at once rather than reused,
-which hands its names to the other hosts immediately.
+half-way unlocks every name it had taken before the error propagates.
+
+A control connection whose state is in doubt (a timed-out statement, a missed heartbeat, a host
+row deleted by another host) is terminated at once rather than reused, which hands its names to
+the other hosts immediately.
 
 Recovery bounds
 ---------------

@@ -146,11 +146,6 @@ SELECT work_query, worker, config::text AS config, revision FROM {schema}.worker
 UPDATE {schema}.workers SET status = 'running', updated_at = now()
  WHERE name = $1 AND status = 'waiting'
 
--- name: since_work
--- Seconds since the last batch or wake, as they were before this iteration's bookkeeping.
-SELECT extract(epoch FROM now() - prev_work_at)::float8 FROM {schema}.worker_state
- WHERE name = $1
-
 -- name: record_failure
 UPDATE {schema}.worker_state
    SET consecutive_failures = consecutive_failures + 1, last_error = $3, last_error_at = now(),
@@ -185,7 +180,8 @@ UPDATE {schema}.workers w SET status = 'waiting', updated_at = now()
   FROM st WHERE w.name = st.name AND w.status = 'running'
 
 -- name: run_in
-SELECT w.status, greatest(0, coalesce(extract(epoch FROM s.next_run_at - now()), 0))::float8 AS run_in
+SELECT w.status, greatest(0, coalesce(extract(epoch FROM s.next_run_at - now()), 0))::float8 AS run_in,
+       coalesce(extract(epoch FROM now() - s.last_work_at), 1e9)::float8 AS since_work
   FROM {schema}.worker_state s JOIN {schema}.workers w USING (name)
  WHERE s.name = $1 AND s.generation = $2
 
