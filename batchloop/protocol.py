@@ -98,14 +98,14 @@ missed (connection lost, host starting), so nothing depends on it for correctnes
   because a ping may have woken it while the lock was still held and the other hosts' claims
   failed.
 
-Claims never wait. ``claim()`` first reads the name's status without locking (an idle or stopped
-name costs nothing; a ping that wakes it later NOTIFYs), then locks the name's rows with ``SKIP
-LOCKED`` (a row held by an in-flight iteration or an open ping transaction means "try again next
-tick"), takes the session lock last, and releases it if anything fails after that, because a
-session lock survives the statement's rollback. Hosts claim in batches (``claim_many``: the
-notifications that arrived together, a monitor tick's orphans, or a released name's re-check
-together with its unlock), up to 100 names per statement and one commit; a batch that fails
-half-way unlocks every name it had taken before the error propagates.
+Claims never wait. ``claim()`` locks the name's rows with ``SKIP LOCKED`` (a row held by an
+in-flight iteration or an open ping transaction means "try again next tick"), takes the session
+lock last, and releases it if anything fails after that, because a session lock survives the
+statement's rollback. Hosts claim in batches (``claim_many``: the notifications that arrived
+together, a monitor tick's orphans, or a released name's re-check together with its unlock), up
+to 100 names per statement and one commit. ``claim_many`` first reads each name's status without
+locking (an idle or stopped name costs nothing; a ping that wakes it later NOTIFYs), and a batch
+that fails half-way unlocks every name it had taken before the error propagates.
 
 A control connection whose state is in doubt (a timed-out statement, a missed heartbeat, a host
 row deleted by another host) is terminated at once rather than reused, which hands its names to

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -19,16 +20,7 @@ from typing import Any
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-SYSTEMS = (
-    "raw",
-    "raw-cursor",
-    "raw-psycopg",
-    "batchloop",
-    "batchloop-cursor",
-    "batchloop-psycopg",
-    "pgqueuer",
-    "procrastinate",
-)
+SYSTEMS: tuple[str, ...] = runpy.run_path(str(BENCH / "drain.py"))["SYSTEMS"]
 PEERS = ("pgqueuer", "procrastinate")
 ROWS, BATCH1_ROWS, BATCHES = 250, 20, (1, 100)
 
