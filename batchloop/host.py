@@ -154,7 +154,9 @@ class Host:
         import_modules(self.modules)
         self._pool = await self._create_pool()
         driver = PsycopgLoopDriver() if self.driver == "psycopg" else AsyncpgLoopDriver()
-        self._ctx = LoopContext(self._pool, self.schema, self._release, driver)
+        self._ctx = LoopContext(
+            self._pool, self.schema, self._release, driver, self.application_name
+        )
         try:
             async with self._pool.acquire() as conn:
                 session = driver.session(conn, self.schema)
@@ -570,6 +572,12 @@ class Host:
         if control is None or control.is_closed():
             return
         try:
+            if self._ctx.in_flight:
+                # Iterations cancelled past the grace period: a backend may still be running
+                # a statement its client gave up on, holding its name's row lock.
+                await control.fetchval(
+                    "end_zombies", [], list(self._ctx.in_flight), self.application_name
+                )
             await control.release_all(self.host_id, released)
         except Exception as exc:
             log.warning("host %s: goodbye failed: %s", self.host_id, exc)

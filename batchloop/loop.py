@@ -104,6 +104,9 @@ class LoopContext:
     release: Callable[[NameLoop], Awaitable[None]]
     driver: LoopDriver = field(default_factory=AsyncpgLoopDriver)
     """The client library of ``pool``'s connections, which the user's callables get."""
+    application_name: str | None = None
+    """The host's, on every connection it opens: lets a loop end the server side of a
+    connection it lost mid-statement, and only that (None: never try)."""
     in_flight: set[int] = field(default_factory=set)
     """Server pids of connections inside an iteration: if the host loses its session, these
     may be zombies still holding row locks, and it ends them before claiming again."""
@@ -257,10 +260,30 @@ class NameLoop:
         except BaseException:
             self.ctx.in_flight.discard(pid)
             with anyio.CancelScope(shield=True):
-                await self._put_back()  # it may be broken: the pool checks and replaces it
+                if self.ctx.driver.broken(conn):
+                    await self._end_backend(pid)
+                await self._put_back()  # the pool checks it, and replaces it if broken
             raise
         self.ctx.in_flight.discard(pid)
         return decision
+
+    async def _end_backend(self, pid: int) -> None:
+        """The client side of an iteration's connection closed mid-statement (psycopg closes
+        it when a cancellation, such as ``iteration_timeout``, interrupts its own cancel
+        request): its backend may still be running the statement, holding the name's row
+        lock, so that no retry or claim could proceed until it finished. End it."""
+        if self.ctx.application_name is None:
+            return
+        try:
+            async with self.ctx.pool.acquire() as conn:
+                ended = await self.ctx.driver.session(conn, self.ctx.schema).fetchval(
+                    "end_zombies", [], [pid], self.ctx.application_name
+                )
+        except Exception as exc:
+            log.warning("loop %r: could not end backend %d: %s", self.name, pid, exc)
+            return
+        if ended:
+            log.warning("loop %r: ended backend %d, cut off mid-statement", self.name, pid)
 
     async def _put_back(self) -> None:
         """Return the connection held across back-to-back iterations to the pool."""

@@ -46,6 +46,8 @@ class Knobs:
     """Run a failing statement and catch its error (no savepoint) this many times."""
     commit_itself: int = 0
     """COMMIT the loop's transaction from inside the worker this many times."""
+    server_sleep: float = 0.0
+    """Seconds of ``pg_sleep`` in the worker, once (to be cut off by ``iteration_timeout``)."""
 
 
 KNOBS: dict[str, Knobs] = {}
@@ -93,6 +95,9 @@ async def process_items(conn: Any, batch: list[int]) -> bl.Debounce | None:
     )
     await conn.execute("DELETE FROM items WHERE id = ANY($1)", batch)
     k.entered.set()
+    if k.server_sleep:
+        seconds, k.server_sleep = k.server_sleep, 0.0
+        await conn.execute("SELECT pg_sleep($1)", seconds)
     if k.gate is not None:
         await k.gate.wait()
     if k.sleep:

@@ -24,6 +24,8 @@ class Knobs:
     """Run a failing statement and catch its error (no savepoint) this many times."""
     commit_itself: int = 0
     """COMMIT the loop's transaction from inside the worker this many times."""
+    server_sleep: float = 0.0
+    """Seconds of ``pg_sleep`` in the worker, once (to be cut off by ``iteration_timeout``)."""
 
 
 KNOBS: dict[str, Knobs] = {}
@@ -70,6 +72,9 @@ async def process_items(conn: psycopg.AsyncConnection[Any], batch: list[int]) ->
     except LookupError:
         pass
     k.entered.set()
+    if k.server_sleep:
+        seconds, k.server_sleep = k.server_sleep, 0.0
+        await conn.execute("SELECT pg_sleep(%s)", (seconds,))
     if k.gate is not None:
         await k.gate.wait()
     if k.swallow_errors > 0:
@@ -81,10 +86,12 @@ async def process_items(conn: psycopg.AsyncConnection[Any], batch: list[int]) ->
         await conn.execute("COMMIT")
 
 
-async def insert_and_ping(conn: psycopg.AsyncConnection[Any], name: str, count: int) -> str:
+async def insert_and_ping(
+    conn: psycopg.AsyncConnection[Any], name: str, count: int, *, config: bl.Config | None = None
+) -> str:
     async with conn.transaction():
         await conn.execute(
             "INSERT INTO items (name, value) SELECT %s, g FROM generate_series(1, %s) g",
             (name, count),
         )
-        return await bl.ping(conn, name, next_items, process_items)
+        return await bl.ping(conn, name, next_items, process_items, config=config)

@@ -93,7 +93,9 @@ async def test_psycopg_host_refuses_a_bad_dsn_and_a_bad_driver(migrated_dsn: str
         bl.Host(migrated_dsn, driver="psycopg2")  # type: ignore[arg-type]
 
 
-async def _drive(driver: str, dsn: str, name: str, setup: Any) -> Any:
+async def _drive(
+    driver: str, dsn: str, name: str, setup: Any, config: bl.Config | None = None
+) -> Any:
     """Drain 30 items of ``name`` with ``setup(knobs)`` applied; return the final status."""
     if driver == "psycopg":
         conn: Any = await _psycopg(dsn)
@@ -106,7 +108,7 @@ async def _drive(driver: str, dsn: str, name: str, setup: Any) -> Any:
         ping = jobs.insert_and_ping
     try:
         async with bl.Host(dsn, modules=["jobs", "psycopg_jobs"], driver=driver):  # type: ignore[arg-type]
-            await ping(conn, name, 30)
+            await ping(conn, name, 30, config=config)
             st = await wait_for(
                 lambda: bl.status(conn, name), expect=lambda s: s.state == "idle", timeout=20
             )
@@ -137,6 +139,29 @@ async def test_a_caught_sql_error_fails_the_batch_instead_of_losing_it(
     assert "rolled back at COMMIT" in (st.last_error or "")
     assert (done, distinct, left) == (30, 30, 0)
     assert st.batches == 3 and st.consecutive_failures == 0
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_iteration_timeout_cuts_off_a_running_statement(
+    migrated_dsn: str, driver: str
+) -> None:
+    """A batch stuck in a 30 s statement is rolled back after iteration_timeout and retried at
+    once, and the server stops running the statement (psycopg closes a connection whose cancel
+    request was itself interrupted; its backend would otherwise hold the name's row lock for
+    the full 30 s)."""
+
+    def setup(k: Any) -> None:
+        k.limit = 10
+        k.server_sleep = 30.0
+
+    config = bl.Config(iteration_timeout=0.5)
+    st, done, distinct, left = await _drive(driver, migrated_dsn, f"slow-{driver}", setup, config)
+    assert "TimeoutError" in (st.last_error or ""), st.last_error
+    assert (done, distinct, left) == (30, 30, 0)
+    admin = await asyncpg.connect(migrated_dsn)
+    sleeping = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%'"
+    assert await count(admin, sleeping) == 0
+    await admin.close()
 
 
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
