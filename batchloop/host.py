@@ -91,6 +91,8 @@ class Host:
         self.driver = driver
         self.dsn = dsn
         self.control_dsn = control_dsn if control_dsn is not None else dsn
+        self._pooled = control_dsn is not None
+        """The pool goes through a transaction pooler: no prepared statements of ours."""
         self.modules = tuple(modules)
         self.schema = check_schema(schema)
         if not 0 < monitor_interval <= 60 or not 0 < heartbeat_interval <= 60:
@@ -155,7 +157,12 @@ class Host:
         self._pool = await self._create_pool()
         driver = PsycopgLoopDriver() if self.driver == "psycopg" else AsyncpgLoopDriver()
         self._ctx = LoopContext(
-            self._pool, self.schema, self._release, driver, self.application_name
+            self._pool,
+            self.schema,
+            self._release,
+            driver,
+            prepare=not self._pooled,
+            application_name=self.application_name,
         )
         try:
             async with self._pool.acquire() as conn:
@@ -227,7 +234,7 @@ class Host:
             min_size=min_size,
             max_size=max_size,
             application_name=self.application_name,
-            prepare=self.control_dsn == self.dsn,
+            prepare=not self._pooled,
         )
 
     async def _run(self, ready: asyncio.Future[None]) -> None:

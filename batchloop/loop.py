@@ -28,6 +28,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Protocol
 
 import anyio
@@ -86,7 +87,16 @@ class Bound:
         if query is None or worker is None:
             missing = row["work_query"] if query is None else row["worker"]
             raise CallableMissing(f"{missing} is not registered in this process")
-        return cls(row["revision"], query, worker, parse_config(row["config"]))
+        config = row["config"]
+        parsed = _config(config) if isinstance(config, str) else parse_config(config)
+        return cls(row["revision"], query, worker, parsed)
+
+
+@lru_cache(maxsize=1024)
+def _config(text: str) -> Config:
+    """A stored config, parsed once per text: claims are on the wake-up's critical path, and a
+    Config is immutable, so loops may share one."""
+    return parse_config(text)
 
 
 class ConnectionSource(Protocol):
@@ -104,6 +114,8 @@ class LoopContext:
     release: Callable[[NameLoop], Awaitable[None]]
     driver: LoopDriver = field(default_factory=AsyncpgLoopDriver)
     """The client library of ``pool``'s connections, which the user's callables get."""
+    prepare: bool = False
+    """Keep ``book_batch`` prepared on each connection (not behind a transaction pooler)."""
     application_name: str | None = None
     """The host's, on every connection it opens: lets a loop end the server side of a
     connection it lost mid-statement, and only that (None: never try)."""
@@ -294,7 +306,12 @@ class NameLoop:
     async def _transaction(self, conn: Any) -> Decision:
         # READ COMMITTED whatever the server default: the go-idle re-read needs a fresh snapshot.
         it = self.ctx.driver.iteration(
-            conn, self.ctx.schema, self.name, self.generation, self.stop_key
+            conn,
+            self.ctx.schema,
+            self.name,
+            self.generation,
+            self.stop_key,
+            prepare=self.ctx.prepare,
         )
         booked = await it.begin(self.bound.revision)
         try:

@@ -46,6 +46,10 @@ class Knobs:
     """Run a failing statement and catch its error (no savepoint) this many times."""
     commit_itself: int = 0
     """COMMIT the loop's transaction from inside the worker this many times."""
+    drop_prepared: int = 0
+    """DEALLOCATE batchloop's prepared book_batch from inside the worker this many times."""
+    prepared_seen: list[int] = field(default_factory=list)
+    """How many of batchloop's prepared statements each batch's session held."""
     server_sleep: float = 0.0
     """Seconds of ``pg_sleep`` in the worker, once (to be cut off by ``iteration_timeout``)."""
 
@@ -94,6 +98,13 @@ async def process_items(conn: Any, batch: list[int]) -> bl.Debounce | None:
         started,
     )
     await conn.execute("DELETE FROM items WHERE id = ANY($1)", batch)
+    ours = await conn.fetch(
+        "SELECT name FROM pg_prepared_statements WHERE name LIKE 'batchloop_book_%'"
+    )
+    k.prepared_seen.append(len(ours))
+    if k.drop_prepared > 0 and ours:
+        k.drop_prepared -= 1
+        await conn.execute(f"DEALLOCATE {ours[0]['name']}")
     k.entered.set()
     if k.server_sleep:
         seconds, k.server_sleep = k.server_sleep, 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from typing import Any
 
 import asyncpg
@@ -10,6 +11,7 @@ import pytest
 
 import batchloop as bl
 from batchloop.migrations import code_version
+from batchloop.schema_name import channel
 
 from helpers import count as _count
 from helpers import wait_for
@@ -405,4 +407,41 @@ async def test_worker_may_nest_transactions_and_any_name_works(
         assert await _count(conn, "SELECT count(*) FROM calls WHERE name = 'inside-savepoint'") == 0
         st = await wait_for(lambda: bl.status(conn, name))
         assert st.batches == 1 and st.consecutive_failures == 0
+    await conn.close()
+
+
+async def test_book_batch_is_prepared_once_per_session_and_survives_deallocate(
+    migrated_dsn: str,
+) -> None:
+    """Each batch begins by EXECUTE of a per-session prepared book_batch; if user code
+    deallocates it, the next batch books inline and prepares it again, without a failure."""
+    conn = await _setup(migrated_dsn)
+    name = "prepared"
+    k = knobs(name)
+    k.limit, k.drop_prepared = 10, 2
+    async with bl.Host(migrated_dsn, modules=["jobs"], pool_max_size=1):
+        await insert_and_ping(conn, name, 60)
+        st = await wait_for(lambda: bl.status(conn, name), expect=lambda s: s.state == "idle")
+    assert st is not None and st.batches == 6
+    assert st.consecutive_failures == 0 and st.last_error is None, st.last_error
+    # one connection: prepared, dropped; that batch books inline (0) and the next prepares
+    # again; dropped again; then prepared for good
+    assert k.prepared_seen == [1, 0, 1, 0, 1, 1], k.prepared_seen
+    assert await _count(conn, "SELECT count(DISTINCT item_id) FROM done") == 60
+    await conn.close()
+
+
+@pytest.mark.parametrize("schema", ["batchloop", "Mixed_Case_2"])
+async def test_lock_keys_and_channel_are_the_documented_formula(dsn: str, schema: str) -> None:
+    """Migration 3 rewrote lock_key() and channel() with the schema as a literal: the values
+    must be what the first version computed (md5 of kind, schema and name; the Python side's
+    channel name), or hosts of different versions would disagree about locks."""
+    await bl.migrate(dsn, schema=schema)
+    conn = await asyncpg.connect(dsn)
+    q = '"' + schema.replace('"', '""') + '"'
+    for kind, name in [("own", "a"), ("stop", "x y"), ("wake", "ünï")]:
+        digest = hashlib.md5(f"{kind}:{schema}:{name}".encode()).digest()
+        expected = int.from_bytes(digest[:8], "big", signed=True)
+        assert await conn.fetchval(f"SELECT {q}.lock_key($1, $2)", kind, name) == expected
+    assert await conn.fetchval(f"SELECT {q}.channel()") == channel(schema)
     await conn.close()

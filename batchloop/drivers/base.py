@@ -71,8 +71,11 @@ class LoopDriver(Protocol):
     def session(self, conn: Any, schema: str) -> Session: ...
 
     def iteration(
-        self, conn: Any, schema: str, name: str, generation: int, stop_key: int
-    ) -> Iteration: ...
+        self, conn: Any, schema: str, name: str, generation: int, stop_key: int, *, prepare: bool
+    ) -> Iteration:
+        """``prepare``: keep ``book_batch`` prepared in each server session (not through a
+        transaction pooler, which moves a connection between server sessions)."""
+        ...
 
     def pid(self, conn: Any) -> int:
         """The server process behind ``conn`` (to end it if this host loses its session)."""

@@ -11,7 +11,8 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 
 from .. import sql
-from .base import Row, check_committed, closing, translate
+from .base import Row, translate
+from .iteration import SimpleIteration
 
 
 def _params(args: tuple[Any, ...]) -> dict[str, Any]:
@@ -51,14 +52,10 @@ class PsycopgSession:
         await self._conn.execute(text.encode())
 
 
-class PsycopgIteration:
-    """An iteration's transaction on an autocommit psycopg connection, begun by us.
-
-    ``BEGIN`` travels with ``book_batch`` and the closing statements with ``COMMIT`` in one
-    simple-protocol message each (psycopg sends a query without parameters that way). psycopg
-    reads the connection's real transaction status, so ``conn.transaction()`` in user code
-    nests as a savepoint without any help.
-    """
+class PsycopgIteration(SimpleIteration):
+    """An iteration on an autocommit psycopg connection. psycopg sends a query without
+    parameters as a simple-protocol message, and reads the connection's real transaction
+    status, so ``conn.transaction()`` in user code nests as a savepoint without any help."""
 
     def __init__(
         self,
@@ -67,53 +64,30 @@ class PsycopgIteration:
         name: str,
         generation: int,
         stop_key: int,
+        *,
+        prepare: bool,
     ) -> None:
-        self.conn = conn
+        super().__init__(conn, schema, name, generation, stop_key, prepare=prepare)
         self.session = PsycopgSession(conn, schema)
-        self._schema = schema
-        self._name, self._generation, self._stop_key = name, generation, stop_key
 
-    async def begin(self, revision: int) -> bool:
-        key = (self._name, self._generation, revision, self._stop_key)
-        book = sql.inline("book_batch", self._schema, *key)
-        try:
-            if book is None:
-                await self.conn.execute(b"BEGIN ISOLATION LEVEL READ COMMITTED")
-                return await self.book(revision)
-            cur = await self.conn.execute(f"BEGIN ISOLATION LEVEL READ COMMITTED; {book}".encode())
-        except BaseException:
-            await self.rollback()
-            raise
-        cur.nextset()
-        return cur.rowcount == 1
+    def _session_id(self) -> Any:
+        return self.conn
 
-    async def book(self, revision: int) -> bool:
-        key = (self._name, self._generation, revision, self._stop_key)
-        cur = await self.conn.execute(sql.pyformat("book_batch", self._schema), _params(key))
-        return cur.rowcount == 1
+    async def _send(self, text: str) -> str:
+        cur = await self.conn.execute(text.encode())
+        while cur.nextset():
+            pass
+        return cur.statusmessage or ""
+
+    async def _run(self, query: str, *args: Any) -> str:
+        cur = await self.conn.execute(sql.pyformat(query, self._schema), _params(args))
+        return cur.statusmessage or ""
+
+    async def _begin_plain(self) -> None:
+        await self.conn.execute(b"BEGIN ISOLATION LEVEL READ COMMITTED")
 
     def open(self) -> bool:
-        return self.conn.info.transaction_status != TransactionStatus.IDLE
-
-    async def commit(self, *, unbook: bool, debounce: float = 0.0) -> None:
-        parts = closing(self._name, self._generation, unbook=unbook, debounce=debounce)
-        inlined = [sql.inline(name, self._schema, *args) for name, args in parts]
-        if all(text is not None for text in inlined):
-            cur = await self.conn.execute("; ".join([*inlined, "COMMIT"]).encode())  # type: ignore[list-item]
-            while cur.nextset():
-                pass
-        else:
-            for name, args in parts:
-                await self.conn.execute(sql.pyformat(name, self._schema), _params(args))
-            cur = await self.conn.execute(b"COMMIT")
-        check_committed(cur.statusmessage or "", self._name)
-
-    async def rollback(self) -> None:
-        if self.conn.info.transaction_status in (TransactionStatus.INTRANS, _INERROR):
-            await self.conn.execute(b"ROLLBACK")
-
-
-_INERROR = TransactionStatus.INERROR
+        return bool(self.conn.info.transaction_status != TransactionStatus.IDLE)
 
 
 class PsycopgLoopDriver:
@@ -125,9 +99,9 @@ class PsycopgLoopDriver:
         return PsycopgSession(conn, schema)
 
     def iteration(
-        self, conn: Any, schema: str, name: str, generation: int, stop_key: int
+        self, conn: Any, schema: str, name: str, generation: int, stop_key: int, *, prepare: bool
     ) -> PsycopgIteration:
-        return PsycopgIteration(conn, schema, name, generation, stop_key)
+        return PsycopgIteration(conn, schema, name, generation, stop_key, prepare=prepare)
 
     def pid(self, conn: Any) -> int:
         return int(conn.info.backend_pid)
