@@ -388,8 +388,19 @@ class Host:
                         loop.wake()
                     elif name not in self._foreign:
                         wanted.append(name)
-            if wanted:
-                await self._claim(wanted)
+            loop = await self._claim(wanted, handoff=True) if wanted else None
+            if loop is not None:
+                # A wake-up is latency-bound: this task goes on into the loop it claimed at
+                # once, and a new task takes over the dispatching (started after the loop's
+                # first statement is on its way: starting a task costs more than sending it).
+                asyncio.get_running_loop().call_soon(self._successor, self._session_tg)
+                await loop.run()
+                return
+
+    def _successor(self, tg: TaskGroup | None) -> None:
+        """Start the dispatcher that replaces one which went on into a loop."""
+        if tg is not None and tg is self._session_tg and not tg.cancel_scope.cancel_called:
+            tg.start_soon(self._dispatch)
 
     # ------------------------------------------------------------------ claims
 
@@ -488,25 +499,34 @@ class Host:
             and not tg.cancel_scope.cancel_called
         )
 
-    async def _claim(self, names: list[str], unlock: list[int] | None = None) -> None:
+    async def _claim(
+        self, names: list[str], unlock: list[int] | None = None, *, handoff: bool = False
+    ) -> NameLoop | None:
         """Claim ``names`` (those not already ours), after unlocking ``unlock``: one statement
-        per ``CLAIM_BATCH`` names."""
+        per ``CLAIM_BATCH`` names; start their loops. With ``handoff``, one loop is returned
+        for the caller to run instead of being started."""
         if not self._session_alive():
-            return
+            return None
         wanted = [
             n for n in dict.fromkeys(names) if n not in self._loops and n not in self._claiming
         ]
         self._claiming.update(wanted)
+        kept = None
         try:
             for i in range(0, max(len(wanted), 1), CLAIM_BATCH):
-                await self._claim_batch(wanted[i : i + CLAIM_BATCH], unlock if i == 0 else None)
+                chunk, first = wanted[i : i + CLAIM_BATCH], i == 0
+                loop = await self._claim_batch(chunk, unlock if first else None, handoff and first)
+                kept = kept or loop
         finally:
             self._claiming.difference_update(wanted)
+        return kept
 
-    async def _claim_batch(self, names: list[str], unlock: list[int] | None) -> None:
+    async def _claim_batch(
+        self, names: list[str], unlock: list[int] | None, handoff: bool
+    ) -> NameLoop | None:
         control, tg = self._control, self._session_tg
         if (not names and not unlock) or not self._session_alive():
-            return
+            return None
         assert control is not None and tg is not None
         try:
             rows = await control.fetch("claim_many", names, self.host_id, unlock or [])
@@ -518,11 +538,12 @@ class Host:
             elif unlock:
                 # The claims gave back what they took; the unlocks may not have happened.
                 await self._unlock(control, unlock)
-            return
+            return None
         if not self._session_alive():
             await self._unlock(control, [row["lock_key"] for row in rows])
-            return
+            return None
         refused: list[int] = []
+        kept = None
         for row in rows:
             name = row["name"]
             try:
@@ -538,9 +559,13 @@ class Host:
             loop = NameLoop.claimed(self._ctx, name, row, bound)
             self._loops[name] = loop
             log.debug("host %s claimed %r generation %d", self.host_id, name, loop.generation)
-            tg.start_soon(loop.run, name=f"batchloop:{name}")
+            if handoff and kept is None:
+                kept = loop
+            else:
+                tg.start_soon(loop.run, name=f"batchloop:{name}")
         if refused:
             await self._unlock(control, refused)
+        return kept
 
     async def _unlock(self, control: Control, keys: list[int]) -> None:
         try:
