@@ -84,6 +84,14 @@ async def next_items(conn: Any, name: str) -> bl.Work[list[int]] | bl.Idle:
 async def process_items(conn: Any, batch: list[int]) -> bl.Debounce | None:
     name = await conn.fetchval("SELECT name FROM items WHERE id = $1", batch[0])
     k = knobs(name)
+    # before the writes: fault tests find a batch mid-way by its last statement, the DELETE
+    ours = await conn.fetch(
+        "SELECT name FROM pg_prepared_statements WHERE name LIKE 'batchloop_book_%'"
+    )
+    k.prepared_seen.append(len(ours))
+    if k.drop_prepared > 0 and ours:
+        k.drop_prepared -= 1
+        await conn.execute(f"DEALLOCATE {ours[0]['name']}")
     started = await conn.fetchval("SELECT clock_timestamp()")
     gen, pid = await conn.fetchrow(
         "SELECT generation, pg_backend_pid() FROM batchloop.worker_state WHERE name = $1", name
@@ -98,13 +106,6 @@ async def process_items(conn: Any, batch: list[int]) -> bl.Debounce | None:
         started,
     )
     await conn.execute("DELETE FROM items WHERE id = ANY($1)", batch)
-    ours = await conn.fetch(
-        "SELECT name FROM pg_prepared_statements WHERE name LIKE 'batchloop_book_%'"
-    )
-    k.prepared_seen.append(len(ours))
-    if k.drop_prepared > 0 and ours:
-        k.drop_prepared -= 1
-        await conn.execute(f"DEALLOCATE {ours[0]['name']}")
     k.entered.set()
     if k.server_sleep:
         seconds, k.server_sleep = k.server_sleep, 0.0
