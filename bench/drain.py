@@ -43,6 +43,10 @@ Systems:
 Batch size 1 runs ``--batch1-rows`` rows (one transaction per row is slow for everyone), and
 ``--cap SYSTEM=N`` caps a slow system's rows (by default procrastinate drains 10,000 jobs):
 throughput is per row either way, but the report says how many rows each figure drained.
+
+``--profile DIR`` runs each trial under pyinstrument (wall clock, so time spent waiting for the
+server shows as ``select``) and writes ``DIR/profile-<system>-<batch>.txt``, e.g.
+``python bench/drain.py --systems batchloop --batches 100 --runs 1 --profile bench/results``.
 """
 
 from __future__ import annotations
@@ -147,11 +151,19 @@ async def trial_raw(dsn: str, rows: int, batch: int, cursor: bool) -> dict[str, 
         drain_s = time.perf_counter() - started
     finally:
         await conn.close()
+    return await _raw_result(dsn, drain_s, batches)
+
+
+async def _raw_result(dsn: str, drain_s: float, batches: int, **settings: str) -> dict[str, Any]:
     return {
         "drain_s": drain_s,
         "batches": batches,
         "remaining": await remaining(dsn, "items"),
-        "settings": {"connections": 1, "transaction": "one explicit transaction per batch"},
+        "settings": {
+            "connections": 1,
+            "transaction": "one explicit transaction per batch",
+            **settings,
+        },
     }
 
 
@@ -174,16 +186,8 @@ async def trial_raw_psycopg(dsn: str, rows: int, batch: int) -> dict[str, Any]:
         drain_s = time.perf_counter() - started
     finally:
         await conn.close()
-    return {
-        "drain_s": drain_s,
-        "batches": batches,
-        "remaining": await remaining(dsn, "items"),
-        "settings": {
-            "connections": 1,
-            "driver": f"psycopg {psycopg.__version__} (prepared after 5 runs, its default)",
-            "transaction": "one explicit transaction per batch",
-        },
-    }
+    driver = f"psycopg {psycopg.__version__} (prepared after 5 runs, its default)"
+    return await _raw_result(dsn, drain_s, batches, driver=driver)
 
 
 @dataclass
@@ -286,12 +290,24 @@ async def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
 
 def trial_main(spec: dict[str, Any]) -> None:
     sys.path.insert(0, str(HERE))
+    profiler = None
+    if spec.get("profile"):
+        from pyinstrument import Profiler
+
+        profiler = Profiler(interval=0.0002, async_mode="disabled")
+        profiler.start()
     if spec.get("loop") == "uvloop":
         import uvloop
 
         result = uvloop.run(run_trial(spec))
     else:
         result = asyncio.run(run_trial(spec))
+    if profiler is not None:
+        profiler.stop()
+        out = Path(spec["profile"]) / f"profile-{spec['system']}-{spec['batch']}.txt"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(profiler.output_text(unicode=False, show_all=False))
+        result["profile"] = str(out)
     print(json.dumps(result), flush=True)
 
 
@@ -321,6 +337,7 @@ def run_one(args: argparse.Namespace, system: str, batch: int, rows: int) -> dic
         "rows": rows,
         "dsn": database_url(args.dsn, dbname),
         "loop": args.loop,
+        "profile": str(args.profile) if args.profile else None,
         "options": {
             "pgq_workers": args.pgq_workers,
             "procrastinate_max_concurrency": args.procrastinate_max_concurrency,
@@ -511,6 +528,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="default: bench/results/drain-<time>.json")
     p.add_argument("--markdown", type=Path, help="also write the tables here")
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. the commit)")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        help="run each trial under pyinstrument and write its profile into this directory",
+    )
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--report", type=Path, help="only print the tables of a saved JSON result")
     p.add_argument("--trial", help=argparse.SUPPRESS)

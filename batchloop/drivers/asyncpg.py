@@ -60,8 +60,10 @@ class Iteration(SimpleIteration):
         self, conn: Any, schema: str, name: str, generation: int, stop_key: int, *, prepare: bool
     ) -> None:
         super().__init__(conn, schema, name, generation, stop_key, prepare=prepare)
-        self.session = AsyncpgSession(conn, schema)
         self._tx = conn.transaction(isolation="read_committed")
+
+    def _new_session(self, conn: Any, schema: str) -> AsyncpgSession:
+        return AsyncpgSession(conn, schema)
 
     @property
     def _can_send_text(self) -> bool:

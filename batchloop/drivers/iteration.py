@@ -82,6 +82,7 @@ class SimpleIteration(ABC):
         prepare: bool,
     ) -> None:
         self.conn = conn
+        self.session = self._new_session(conn, schema)
         self._schema = schema
         self._name, self._generation, self._stop_key = name, generation, stop_key
         self._prepare = prepare
@@ -94,6 +95,10 @@ class SimpleIteration(ABC):
     def _can_send_text(self) -> bool:
         """Whether this iteration may send BEGIN and COMMIT as text of its own."""
         return True
+
+    @abstractmethod
+    def _new_session(self, conn: Any, schema: str) -> Session:
+        """The driver's Session over ``conn``, for the named queries inside the iteration."""
 
     @abstractmethod
     def _session_id(self) -> Any:

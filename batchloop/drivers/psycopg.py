@@ -57,18 +57,8 @@ class PsycopgIteration(SimpleIteration):
     parameters as a simple-protocol message, and reads the connection's real transaction
     status, so ``conn.transaction()`` in user code nests as a savepoint without any help."""
 
-    def __init__(
-        self,
-        conn: psycopg.AsyncConnection[Any],
-        schema: str,
-        name: str,
-        generation: int,
-        stop_key: int,
-        *,
-        prepare: bool,
-    ) -> None:
-        super().__init__(conn, schema, name, generation, stop_key, prepare=prepare)
-        self.session = PsycopgSession(conn, schema)
+    def _new_session(self, conn: Any, schema: str) -> PsycopgSession:
+        return PsycopgSession(conn, schema)
 
     def _session_id(self) -> Any:
         return self.conn
