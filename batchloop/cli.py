@@ -220,7 +220,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     return _stop_or_start(args, sync.start, "started")
 
 
-async def _run_host(dsn: str | None, schema: str, modules: list[str]) -> None:
+async def _run_host(dsn: str | None, schema: str, modules: list[str], driver: str) -> None:
     from .host import Host
 
     done = asyncio.Event()
@@ -233,7 +233,7 @@ async def _run_host(dsn: str | None, schema: str, modules: list[str]) -> None:
         except (NotImplementedError, RuntimeError):  # pragma: no cover - not on this platform
             pass
     try:
-        async with Host(dsn, modules=modules, schema=schema) as host:
+        async with Host(dsn, modules=modules, schema=schema, driver=driver) as host:  # type: ignore[arg-type]
             print(
                 f"batchloop host {host.host_id} (pid {host.pid}) running {', '.join(modules)} "
                 f"in schema {schema!r}; Ctrl-C or SIGTERM to stop",
@@ -249,7 +249,7 @@ async def _run_host(dsn: str | None, schema: str, modules: list[str]) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     _import_user_modules(args.modules)
-    asyncio.run(_run_host(args.dsn, args.schema, list(args.modules)))
+    asyncio.run(_run_host(args.dsn, args.schema, list(args.modules), args.driver))
     return 0
 
 
@@ -364,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("run", cmd_run, "run a host for the callables registered by MODULE(s) until Ctrl-C")
     p.add_argument("modules", nargs="+", metavar="MODULE", help="e.g. myapp.jobs")
+    p.add_argument(
+        "--driver",
+        choices=("asyncpg", "psycopg"),
+        default="asyncpg",
+        help="the connections your callables get (default asyncpg)",
+    )
 
     p = add("tick", cmd_tick, "one bounded drain pass (for cron); prints a JSON report")
     p.add_argument("modules", nargs="+", metavar="MODULE", help="e.g. myapp.jobs")

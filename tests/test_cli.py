@@ -19,6 +19,8 @@ import pytest
 import batchloop.sync as bls
 from batchloop.migrations import code_version
 
+import jobs
+import psycopg_jobs
 from jobs import TABLES, next_items, process_items
 
 TESTS = Path(__file__).resolve().parent
@@ -54,8 +56,9 @@ def _assert_clean_error(proc: subprocess.CompletedProcess[str], *needles: str) -
         assert needle in lines[0]
 
 
-def _make_worker(dsn: str, name: str, items: int = 0) -> None:
+def _make_worker(dsn: str, name: str, items: int = 0, callables: Any = None) -> None:
     """Create the test tables if needed, then insert ``items`` for ``name`` and ping it."""
+    query, worker = callables or (next_items, process_items)
     with psycopg.connect(dsn) as conn:
         if conn.execute("SELECT to_regclass('items')").fetchone() == (None,):
             conn.execute(TABLES)
@@ -63,7 +66,7 @@ def _make_worker(dsn: str, name: str, items: int = 0) -> None:
             "INSERT INTO items (name, value) SELECT %s, g FROM generate_series(1, %s) g",
             (name, items),
         )
-        bls.ping(conn, name, next_items, process_items)
+        bls.ping(conn, name, query, worker)
 
 
 def _items_left(dsn: str) -> int:
@@ -263,10 +266,14 @@ def test_invalid_schema_or_name_exits_1(migrated_dsn: str) -> None:
 # ------------------------------------------------------------------------------ run, tick
 
 
-def test_run_hosts_modules_until_sigterm(migrated_dsn: str) -> None:
-    _make_worker(migrated_dsn, "hosted", items=0)
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+def test_run_hosts_modules_until_sigterm(migrated_dsn: str, driver: str) -> None:
+    module = {"asyncpg": jobs, "psycopg": psycopg_jobs}[driver]
+    callables = (module.next_items, module.process_items)
+    _make_worker(migrated_dsn, "hosted", items=0, callables=callables)
+    argv = ["--dsn", migrated_dsn, "run", module.__name__, "--driver", driver]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "batchloop", "--dsn", migrated_dsn, "run", "jobs"],
+        [sys.executable, "-m", "batchloop", *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -276,7 +283,7 @@ def test_run_hosts_modules_until_sigterm(migrated_dsn: str) -> None:
     try:
         lines = Lines(proc)
         lines.wait_for("running")
-        _make_worker(migrated_dsn, "hosted", items=25)
+        _make_worker(migrated_dsn, "hosted", items=25, callables=callables)
         deadline = time.monotonic() + 20
         while _items_left(migrated_dsn) and time.monotonic() < deadline:
             time.sleep(0.05)
