@@ -140,6 +140,37 @@ _RESET = "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL; " +
 """What asyncpg's pool resets on release, for psycopg connections too."""
 
 
+_LIBPQ_SAME = ("user", "password", "host", "port", "passfile")
+_ASYNCPG_ONLY = ("statement_cache_size", "max_cached_statement_lifetime")
+"""asyncpg options about its own statement cache: psycopg's pool is set up apart."""
+
+
+def libpq_params(connect_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A Host's asyncpg ``connect_kwargs`` as libpq parameters for its psycopg pool, so both
+    drivers connect the same way; ValueError for what has no libpq equivalent."""
+    params: dict[str, Any] = {}
+    for key, value in connect_kwargs.items():
+        if key in _LIBPQ_SAME:
+            params[key] = value
+        elif key == "database":
+            params["dbname"] = value
+        elif key == "timeout":
+            params["connect_timeout"] = max(1, round(value))
+        elif key == "server_settings":
+            settings = {k: v for k, v in value.items() if k != "application_name"}
+            if settings:
+                params["options"] = " ".join(
+                    f"-c {k}={str(v).replace(chr(92), chr(92) * 2).replace(' ', chr(92) + ' ')}"
+                    for k, v in settings.items()
+                )
+        elif key not in _ASYNCPG_ONLY:
+            raise ValueError(
+                f"connect_kwargs[{key!r}] has no psycopg equivalent; with driver='psycopg' "
+                "put it in the DSN (e.g. sslmode=require) instead"
+            )
+    return params
+
+
 async def create_psycopg_pool(
     dsn: str | None,
     *,
@@ -148,6 +179,7 @@ async def create_psycopg_pool(
     max_size: int,
     application_name: str,
     prepare: bool = True,
+    params: dict[str, Any] | None = None,
 ) -> PsycopgPool:
     """A psycopg_pool of autocommit connections (loops send their own BEGIN), opened with
     ``min_size`` connections within ``timeout`` (None: wait for ever)."""
@@ -175,6 +207,7 @@ async def create_psycopg_pool(
         reset=reset,
         name=application_name,
         kwargs={
+            **(params or {}),
             "autocommit": True,
             "application_name": application_name,
             "prepare_threshold": 5 if prepare else None,

@@ -27,6 +27,7 @@ from .connect import (
     connect,
     create_pool,
     create_psycopg_pool,
+    libpq_params,
     redact,
     server_keepalive,
 )
@@ -116,6 +117,7 @@ class Host:
             "application_name": self.application_name,
         }
         self._connect_kwargs = kwargs
+        self._libpq = libpq_params(kwargs) if driver == "psycopg" else {}
         self._pool_kwargs = dict(kwargs)
         if control_dsn is not None:
             self._pool_kwargs.setdefault("statement_cache_size", 0)
@@ -127,6 +129,7 @@ class Host:
         self._control: Control | None = None
         self._loops: dict[str, NameLoop] = {}
         self._claiming: set[str] = set()
+        self._recheck: set[str] = set()
         self._unrunnable: set[tuple[str, str]] = set()
         self._foreign: set[str] = set()
         """Names whose callables this process lacks: wake-ups for them are left to others."""
@@ -235,6 +238,7 @@ class Host:
             max_size=max_size,
             application_name=self.application_name,
             prepare=not self._pooled,
+            params=self._libpq,
         )
 
     async def _run(self, ready: asyncio.Future[None]) -> None:
@@ -289,6 +293,7 @@ class Host:
                 self._session_tg = None
                 self._loops.clear()
                 self._claiming.clear()
+                self._recheck.clear()
                 if not self._closing:
                     control.fail()
             if self._closing:
@@ -507,9 +512,11 @@ class Host:
         for the caller to run instead of being started."""
         if not self._session_alive():
             return None
-        wanted = [
-            n for n in dict.fromkeys(names) if n not in self._loops and n not in self._claiming
-        ]
+        names = list(dict.fromkeys(names))
+        # A name being claimed already may have been looked at before this wake-up's ping
+        # committed: look again once that claim is done (instead of waiting for the monitor).
+        self._recheck.update(n for n in names if n in self._claiming)
+        wanted = [n for n in names if n not in self._loops and n not in self._claiming]
         self._claiming.update(wanted)
         kept = None
         try:
@@ -519,6 +526,11 @@ class Host:
                 kept = kept or loop
         finally:
             self._claiming.difference_update(wanted)
+        done = {n for n in self._recheck if n not in self._claiming}
+        self._recheck -= done
+        again = [n for n in done if n not in self._loops]
+        if again:
+            await self._claim(again)
         return kept
 
     async def _claim_batch(
@@ -617,9 +629,10 @@ class Host:
             await control.conn.close(timeout=2.0)
 
 
-CLAIM_BATCH = 100
+CLAIM_BATCH = 50
 """Names claimed per statement: a burst of pings costs one round trip and one commit per this
-many names, and each statement stays far below the control connection's statement timeout."""
+many names, each statement stays far below the control connection's statement timeout, and
+its subtransactions (one per name claimed) stay within PostgreSQL's per-backend cache of 64."""
 
 
 def _some(names: list[str]) -> str:

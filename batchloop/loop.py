@@ -67,6 +67,10 @@ def connection_lost(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.OperationalError) and exc.sqlstate is None
 
 
+END_BACKEND_TIMEOUT = 5.0
+"""How long a loop tries to end the backend of a connection it lost mid-statement."""
+
+
 class CallableMissing(Exception):
     """A row names a callable this process did not register."""
 
@@ -272,9 +276,10 @@ class NameLoop:
         except BaseException:
             self.ctx.in_flight.discard(pid)
             with anyio.CancelScope(shield=True):
-                if self.ctx.driver.broken(conn):
-                    await self._end_backend(pid)
+                broken = self.ctx.driver.broken(conn)
                 await self._put_back()  # the pool checks it, and replaces it if broken
+                if broken:
+                    await self._end_backend(pid)
             raise
         self.ctx.in_flight.discard(pid)
         return decision
@@ -286,11 +291,14 @@ class NameLoop:
         lock, so that no retry or claim could proceed until it finished. End it."""
         if self.ctx.application_name is None:
             return
+        ended = None
         try:
-            async with self.ctx.pool.acquire() as conn:
-                ended = await self.ctx.driver.session(conn, self.ctx.schema).fetchval(
-                    "end_zombies", [], [pid], self.ctx.application_name
-                )
+            # Bounded: the pool may be exhausted (its slot was just freed, but others may wait).
+            with anyio.move_on_after(END_BACKEND_TIMEOUT):
+                async with self.ctx.pool.acquire() as conn:
+                    ended = await self.ctx.driver.session(conn, self.ctx.schema).fetchval(
+                        "end_zombies", [], [pid], self.ctx.application_name
+                    )
         except Exception as exc:
             log.warning("loop %r: could not end backend %d: %s", self.name, pid, exc)
             return
@@ -334,7 +342,13 @@ class NameLoop:
             raise
         went = isinstance(decision, Sleep)  # go_idle / go_waiting already unbooked
         debounce = decision.delay if isinstance(decision, RunAgain) and processed else 0.0
-        await it.commit(unbook=not processed and not went, debounce=debounce)
+        try:
+            await it.commit(unbook=not processed and not went, debounce=debounce)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                if not self.ctx.driver.broken(conn) and it.open():
+                    await it.rollback()
+            raise
         if processed:
             self.failures = 0
             self.batches += 1

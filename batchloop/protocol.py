@@ -103,7 +103,7 @@ in-flight iteration or an open ping transaction means "try again next tick"), ta
 lock last, and releases it if anything fails after that, because a session lock survives the
 statement's rollback. Hosts claim in batches (``claim_many``: the notifications that arrived
 together, a monitor tick's orphans, or a released name's re-check together with its unlock), up
-to 100 names per statement and one commit. ``claim_many`` first reads each name's status without
+to 50 names per statement and one commit. ``claim_many`` first reads each name's status without
 locking (an idle or stopped name costs nothing; a ping that wakes it later NOTIFYs), and a batch
 that fails half-way unlocks every name it had taken before the error propagates.
 

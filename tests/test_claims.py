@@ -1,4 +1,4 @@
-"""Claims in batches: a burst of pings is claimed a hundred names per statement, and a claim
+"""Claims in batches: a burst of pings is claimed up to fifty names per statement, and a claim
 that fails half-way gives back every session lock it took."""
 
 from __future__ import annotations

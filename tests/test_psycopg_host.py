@@ -94,7 +94,12 @@ async def test_psycopg_host_refuses_a_bad_dsn_and_a_bad_driver(migrated_dsn: str
 
 
 async def _drive(
-    driver: str, dsn: str, name: str, setup: Any, config: bl.Config | None = None
+    driver: str,
+    dsn: str,
+    name: str,
+    setup: Any,
+    config: bl.Config | None = None,
+    **host_options: Any,
 ) -> Any:
     """Drain 30 items of ``name`` with ``setup(knobs)`` applied; return the final status."""
     if driver == "psycopg":
@@ -107,7 +112,12 @@ async def _drive(
         setup(jobs.knobs(name))
         ping = jobs.insert_and_ping
     try:
-        async with bl.Host(dsn, modules=["jobs", "psycopg_jobs"], driver=driver):  # type: ignore[arg-type]
+        async with bl.Host(
+            dsn,
+            modules=["jobs", "psycopg_jobs"],
+            driver=driver,  # type: ignore[arg-type]
+            **host_options,
+        ):
             await ping(conn, name, 30, config=config)
             st = await wait_for(
                 lambda: bl.status(conn, name), expect=lambda s: s.state == "idle", timeout=20
@@ -146,16 +156,19 @@ async def test_iteration_timeout_cuts_off_a_running_statement(
     migrated_dsn: str, driver: str
 ) -> None:
     """A batch stuck in a 30 s statement is rolled back after iteration_timeout and retried at
-    once, and the server stops running the statement (psycopg closes a connection whose cancel
-    request was itself interrupted; its backend would otherwise hold the name's row lock for
-    the full 30 s)."""
+    once (well within the 20 s the test waits), and the server stops running the statement
+    (psycopg closes a connection whose cancel request was itself interrupted; its backend would
+    otherwise hold the name's row lock for the full 30 s)."""
 
     def setup(k: Any) -> None:
         k.limit = 10
         k.server_sleep = 30.0
 
     config = bl.Config(iteration_timeout=0.5)
-    st, done, distinct, left = await _drive(driver, migrated_dsn, f"slow-{driver}", setup, config)
+    # One pool connection: ending the lost backend must not wait for a pool slot of its own.
+    st, done, distinct, left = await _drive(
+        driver, migrated_dsn, f"slow-{driver}", setup, config, pool_max_size=1
+    )
     assert "TimeoutError" in (st.last_error or ""), st.last_error
     assert (done, distinct, left) == (30, 30, 0)
     admin = await asyncpg.connect(migrated_dsn)
@@ -174,3 +187,35 @@ async def test_a_callable_that_commits_is_reported(migrated_dsn: str, driver: st
     assert "ended the iteration's transaction" in (st.last_error or "")
     # its writes and the batch's bookkeeping committed together, by the callable's COMMIT
     assert (done, distinct, left) == (30, 30, 0)
+
+
+async def test_psycopg_pool_gets_the_hosts_connect_kwargs(migrated_dsn: str) -> None:
+    settings = {"search_path": "public, batchloop", "lock_timeout": "1234ms"}
+    async with (
+        bl.Host(
+            migrated_dsn, driver="psycopg", connect_kwargs={"server_settings": settings}
+        ) as host,
+        host.pool.connection() as conn,
+    ):
+        cur = await conn.execute(
+            "SELECT current_setting('search_path'), current_setting('lock_timeout')"
+        )
+        assert await cur.fetchone() == ("public, batchloop", "1234ms")
+    with pytest.raises(ValueError, match="no psycopg equivalent"):
+        bl.Host(migrated_dsn, driver="psycopg", connect_kwargs={"ssl": True})
+
+
+async def test_a_name_that_defeats_inlining_still_runs(migrated_dsn: str) -> None:
+    """Names are arbitrary text: one that cannot be dollar-quoted safely goes through the
+    parameterised statements instead, on both kinds of iteration."""
+    conn = await asyncpg.connect(migrated_dsn)
+    await jobs.create_tables(conn)
+    names = ["x$bl", "$bl$", "it's", "100%", "a$"]
+    async with bl.Host(migrated_dsn, modules=["jobs"]):
+        for n in names:
+            await jobs.insert_and_ping(conn, n, 5)
+        await wait_for(lambda: count(conn, "SELECT count(*) FROM items"), expect=0)
+        for n in names:
+            st = await wait_for(lambda n=n: bl.status(conn, n), expect=lambda s: s.state == "idle")
+            assert st.batches == 1 and st.last_error is None, (n, st.last_error)
+    await conn.close()

@@ -123,7 +123,10 @@ class AsyncpgLoopDriver:
         return int(conn.get_server_pid())
 
     def broken(self, conn: Any) -> bool:
-        return bool(conn.is_closed())
+        try:
+            return bool(conn.is_closed())
+        except asyncpg.InterfaceError:
+            return True  # asyncpg already released a terminated connection back to its pool
 
 
 try:

@@ -17,14 +17,16 @@ from abc import ABC, abstractmethod
 from functools import cache, lru_cache
 from typing import Any
 
+import anyio
+
 from .. import sql
 from .base import Session, check_committed, closing
 
 DUPLICATE_PREPARED = "42P05"
 UNKNOWN_PREPARED = "26000"
 
-_PREPARED: weakref.WeakSet[Any] = weakref.WeakSet()
-"""Connections whose server session holds our prepared ``book_batch``."""
+_PREPARED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+"""Connections whose server session holds our prepared ``book_batch``, by schema."""
 
 
 @cache
@@ -152,11 +154,12 @@ class SimpleIteration(ABC):
                 if not prepared or _sqlstate(exc) != UNKNOWN_PREPARED:
                     raise
                 # Deallocated under us (DEALLOCATE ALL, DISCARD ALL): inline it this time.
-                _PREPARED.discard(self._session_id())
+                _PREPARED.pop(self._session_id(), None)
                 await self._abort()
                 tag = await self._send(_begin_text(*key, False) or "")
         except BaseException:
-            await self._abort()
+            with anyio.CancelScope(shield=True):
+                await self._abort()
             raise
         self._simple = True
         self._began()
@@ -165,7 +168,7 @@ class SimpleIteration(ABC):
     async def _prepared(self) -> bool:
         """Whether ``book_batch`` is prepared in this session, preparing it if not."""
         session = self._session_id()
-        if session in _PREPARED:
+        if self._schema in _PREPARED.get(session, ()):
             return True
         try:
             await self._send(_book_statement(self._schema)[1])
@@ -175,7 +178,7 @@ class SimpleIteration(ABC):
                 raise  # the connection, not the statement
             if state != DUPLICATE_PREPARED:
                 return False  # e.g. the schema is missing: the inlined text will say so
-        _PREPARED.add(session)
+        _PREPARED.setdefault(session, set()).add(self._schema)
         return True
 
     async def book(self, revision: int) -> bool:

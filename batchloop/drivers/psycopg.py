@@ -64,7 +64,8 @@ class PsycopgIteration(SimpleIteration):
         return self.conn
 
     async def _send(self, text: str) -> str:
-        cur = await self.conn.execute(text.encode())
+        # As str, in the connection's encoding; psycopg leaves "%" alone without parameters.
+        cur = await self.conn.execute(text)
         while cur.nextset():
             pass
         return cur.statusmessage or ""

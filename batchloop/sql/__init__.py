@@ -41,7 +41,7 @@ def literal(value: object) -> str | None:
         return None
     if isinstance(value, str):
         # Dollar quoting does not depend on standard_conforming_strings.
-        if "$bl$" in value or "\x00" in value or value.endswith("$"):
+        if "$bl" in value or "\x00" in value or value.endswith("$"):
             return None
         return f"$bl${value}$bl$"
     return repr(float(value)) if isinstance(value, float) else str(value)
