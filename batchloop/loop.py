@@ -308,8 +308,20 @@ class NameLoop:
     async def _put_back(self) -> None:
         """Return the connection held across back-to-back iterations to the pool."""
         held, self._held = self._held, None
-        if held is not None:
-            await held[0].__aexit__(None, None, None)
+        if held is None:
+            return
+        try:
+            pid: int | None = (
+                None if self.ctx.driver.broken(held[1]) else self.ctx.driver.pid(held[1])
+            )
+        except Exception:
+            pid = None
+        await held[0].__aexit__(None, None, None)
+        # A live connection came back reset (whatever a cancelled iteration left open is rolled
+        # back): its backend is no zombie now, and may serve someone else's transaction next. A
+        # broken one stays listed: its backend may live on.
+        if pid is not None:
+            self.ctx.in_flight.discard(pid)
 
     async def _transaction(self, conn: Any) -> Decision:
         # READ COMMITTED whatever the server default: the go-idle re-read needs a fresh snapshot.
