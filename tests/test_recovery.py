@@ -8,6 +8,10 @@ import asyncpg
 import pytest
 
 import batchloop as bl
+from batchloop.drivers.asyncpg import AsyncpgLoopDriver
+from batchloop.loop import Bound, LoopContext, NameLoop
+from batchloop.models import Config
+from batchloop.registry import lookup
 
 from helpers import count as _count
 from helpers import wait_for
@@ -122,3 +126,38 @@ async def test_tick_budget_ending_mid_batch_leaves_the_connection_clean(
     assert again.drained == ["long"]
     assert await _count(conn, "SELECT count(*) FROM done") == 5
     await conn.close()
+
+
+async def test_a_returned_connection_leaves_the_zombie_list_and_a_broken_one_stays(
+    migrated_dsn: str,
+) -> None:
+    """A loop cancelled mid-iteration leaves its connection's pid in ``in_flight`` (its backend
+    may live on, locks and all, and a host that lost its session ends such backends). Once the
+    pool took the connection back and reset it, the pid is no zombie and may serve a user's
+    transaction next, so it must leave the list; a broken connection's pid must stay."""
+    query, worker = lookup("jobs:next_items", "work_query"), lookup("jobs:process_items", "worker")
+    assert query is not None and worker is not None
+
+    async def release(_loop: NameLoop) -> None:
+        return None
+
+    pool = await asyncpg.create_pool(migrated_dsn, min_size=1, max_size=2)
+    try:
+        ctx = LoopContext(pool, "batchloop", release, AsyncpgLoopDriver())
+        loop = NameLoop(ctx, "n", 1, 1, 2, Bound(1, query, worker, Config()), 0, 0.0)
+        leases = [pool.acquire(), pool.acquire()]
+        conns = [await lease.__aenter__() for lease in leases]  # two distinct connections
+        pids = [c.get_server_pid() for c in conns]
+        assert pids[0] != pids[1]
+        for lease, conn, broken in zip(leases, conns, (False, True), strict=True):
+            ctx.in_flight.add(conn.get_server_pid())
+            await conn.execute("BEGIN")  # what a cancelled iteration leaves behind
+            if broken:
+                conn.terminate()  # the client side is gone; the backend may not be
+            loop._held = (lease, conn)
+            await loop._put_back()
+        assert ctx.in_flight == {pids[1]}
+        async with pool.acquire() as conn:
+            assert not conn.is_in_transaction()  # the pool did reset the live one
+    finally:
+        await pool.close()
