@@ -30,3 +30,7 @@ class SessionRequiredError(BatchloopError):
 
 class Superseded(BatchloopError):
     """This loop's generation is no longer current: another claim or a stop fenced it out."""
+
+
+class TransactionAborted(BatchloopError, RuntimeError):
+    """An iteration's transaction could not commit, or a callable ended it itself."""

@@ -393,13 +393,13 @@ class Host:
                         loop.wake()
                     elif name not in self._foreign:
                         wanted.append(name)
-            loop = await self._claim(wanted, handoff=True) if wanted else None
-            if loop is not None:
+            claimed = await self._claim(wanted, handoff=True) if wanted else None
+            if claimed is not None:
                 # A wake-up is latency-bound: this task goes on into the loop it claimed at
                 # once, and a new task takes over the dispatching (started after the loop's
                 # first statement is on its way: starting a task costs more than sending it).
                 asyncio.get_running_loop().call_soon(self._successor, self._session_tg)
-                await loop.run()
+                await claimed.run()
                 return
 
     def _successor(self, tg: TaskGroup | None) -> None:

@@ -39,8 +39,8 @@ from . import decide
 from .connect import TRANSIENT
 from .decide import Decision, RunAgain, Sleep
 from .drivers.asyncpg import AsyncpgLoopDriver
-from .drivers.base import LoopDriver, Row, Session, TransactionAborted
-from .errors import Superseded
+from .drivers.base import LoopDriver, Row, Session
+from .errors import Superseded, TransactionAborted
 from .models import Config, Debounce, Idle, Work
 from .registry import Registered, lookup
 from .status import parse_config
@@ -347,19 +347,13 @@ class NameLoop:
                     f"loop {self.name!r}: a callable ended the iteration's transaction (COMMIT "
                     "or ROLLBACK on the connection it was given); the loop commits it"
                 )
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                if not self.ctx.driver.broken(conn):
-                    await it.rollback()
-            raise
-        went = isinstance(decision, Sleep)  # go_idle / go_waiting already unbooked
-        debounce = decision.delay if isinstance(decision, RunAgain) and processed else 0.0
-        try:
+            went = isinstance(decision, Sleep)  # go_idle / go_waiting already unbooked
+            debounce = decision.delay if isinstance(decision, RunAgain) and processed else 0.0
             await it.commit(unbook=not processed and not went, debounce=debounce)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                if not self.ctx.driver.broken(conn) and it.open():
-                    await it.rollback()
+                if not self.ctx.driver.broken(conn):
+                    await it.rollback()  # a no-op once the transaction is over
             raise
         if processed:
             self.failures = 0

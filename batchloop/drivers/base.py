@@ -86,31 +86,6 @@ class LoopDriver(Protocol):
         ...
 
 
-def closing(
-    name: str, generation: int, *, unbook: bool, debounce: float
-) -> list[tuple[str, tuple[object, ...]]]:
-    """The named queries (with arguments) an iteration sends with its ``COMMIT``."""
-    if unbook:
-        return [("unbook_batch", (name, generation))]
-    if debounce > 0:
-        return [("debounce", (name, generation, float(debounce)))]
-    return []
-
-
-def check_committed(tag: str, name: str) -> None:
-    """PostgreSQL answers COMMIT of a failed transaction with ROLLBACK, not an error."""
-    if tag != "COMMIT":
-        raise TransactionAborted(
-            f"loop {name!r}: the iteration's transaction was rolled back at COMMIT ({tag}): a "
-            "statement in it failed and its error was caught inside a callable; let it "
-            "propagate, or catch it inside `async with conn.transaction():` (a savepoint)"
-        )
-
-
-class TransactionAborted(RuntimeError):
-    """An iteration's transaction could not commit, or user code ended it."""
-
-
 def translate(exc: BaseException, schema: str) -> BaseException | None:
     """Our error for a server error that means the schema is missing, outdated or too new."""
     state = getattr(exc, "sqlstate", None)

@@ -20,7 +20,8 @@ from typing import Any
 import anyio
 
 from .. import sql
-from .base import Session, check_committed, closing
+from ..errors import TransactionAborted
+from .base import Session
 
 DUPLICATE_PREPARED = "42P05"
 UNKNOWN_PREPARED = "26000"
@@ -62,6 +63,27 @@ def _commit_text(
     if any(text is None for text in inlined):
         return None
     return "; ".join([*inlined, "COMMIT"])  # type: ignore[list-item]
+
+
+def closing(
+    name: str, generation: int, *, unbook: bool, debounce: float
+) -> list[tuple[str, tuple[object, ...]]]:
+    """The named queries (with arguments) an iteration sends with its ``COMMIT``."""
+    if unbook:
+        return [("unbook_batch", (name, generation))]
+    if debounce > 0:
+        return [("debounce", (name, generation, float(debounce)))]
+    return []
+
+
+def check_committed(tag: str, name: str) -> None:
+    """PostgreSQL answers COMMIT of a failed transaction with ROLLBACK, not an error."""
+    if tag != "COMMIT":
+        raise TransactionAborted(
+            f"loop {name!r}: the iteration's transaction was rolled back at COMMIT ({tag}): a "
+            "statement in it failed and its error was caught inside a callable; let it "
+            "propagate, or catch it inside `async with conn.transaction():` (a savepoint)"
+        )
 
 
 def _sqlstate(exc: BaseException) -> str | None:
