@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import random
 import time
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -180,9 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hosts", type=int, default=3)
     parser.add_argument("--monitor-interval", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=None, help="results directory")
-    parser.add_argument("--verbose", action="store_true", help="show the hosts' stderr")
-    parser.add_argument("--quiet", action="store_true")
+    hosts.output_options(parser)
     args = parser.parse_args(argv)
     summary = asyncio.run(
         run(
@@ -192,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             monitor_interval=args.monitor_interval,
             seed=args.seed,
             verbose=args.verbose,
-            say=(lambda *_: None) if args.quiet else print,
+            say=hosts.say(args),
         )
     )
     hosts.report("failover", summary, argv, args.out, markdown)

@@ -713,6 +713,18 @@ def write_result(kind: str, summary: dict[str, Any], out: Path | None = None) ->
     return path
 
 
+def output_options(parser: argparse.ArgumentParser) -> None:
+    """The options every multi-host scenario shares: where results go and how much it says."""
+    parser.add_argument("--out", type=Path, default=None, help="results directory")
+    parser.add_argument("--verbose", action="store_true", help="show the hosts' stderr")
+    parser.add_argument("--quiet", action="store_true")
+
+
+def say(args: argparse.Namespace) -> Callable[..., None]:
+    """Progress printing, silenced by ``--quiet``."""
+    return (lambda *_: None) if args.quiet else print
+
+
 def report(
     kind: str,
     summary: dict[str, Any],

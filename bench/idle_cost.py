@@ -33,7 +33,6 @@ import argparse
 import asyncio
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -275,9 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="VACUUM batchloop's tables once the workers are idle (as autovacuum would, later)",
     )
-    parser.add_argument("--out", type=Path, default=None, help="results directory")
-    parser.add_argument("--verbose", action="store_true", help="show the hosts' stderr")
-    parser.add_argument("--quiet", action="store_true")
+    hosts.output_options(parser)
     args = parser.parse_args(argv)
     summary = asyncio.run(
         run(
@@ -288,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
             settle=args.settle,
             vacuum=args.vacuum,
             verbose=args.verbose,
-            say=(lambda *_: None) if args.quiet else print,
+            say=hosts.say(args),
         )
     )
     hosts.report("idle_cost", summary, argv, args.out, markdown)

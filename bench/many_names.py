@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -205,9 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         "--cooldown", type=float, default=2.0, help="Idle(cooldown=...) of the query"
     )
     parser.add_argument("--timeout", type=float, default=900.0)
-    parser.add_argument("--out", type=Path, default=None, help="results directory")
-    parser.add_argument("--verbose", action="store_true", help="show the hosts' stderr")
-    parser.add_argument("--quiet", action="store_true")
+    hosts.output_options(parser)
     args = parser.parse_args(argv)
     summary = asyncio.run(
         run(
@@ -219,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
             cooldown=args.cooldown,
             timeout=args.timeout,
             verbose=args.verbose,
-            say=(lambda *_: None) if args.quiet else print,
+            say=hosts.say(args),
         )
     )
     hosts.report("many_names", summary, argv, args.out, markdown)
