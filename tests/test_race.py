@@ -56,3 +56,109 @@ async def test_work_pinged_with_new_callables_is_run_by_them(migrated_dsn: str) 
             assert state["revision"] == state["mirrored"] == ALTERNATIONS
     finally:
         await conn.close()
+
+
+async def _blocked_on_lock(conn: Any, pid: int) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid
+        )
+    )
+
+
+async def test_fence_rechecks_the_revision_after_waiting_for_a_ping(migrated_dsn: str) -> None:
+    """The mechanism, step by step: an iteration's book_batch (and then its full fence) waits
+    for the row lock of a ping that changes the callables. Once the ping commits, the waiting
+    statement must see the new revision, since the work query after it sees the ping's rows."""
+    import anyio
+
+    from batchloop import sql
+
+    producer = await asyncpg.connect(migrated_dsn)
+    loop = await asyncpg.connect(migrated_dsn)
+    watcher = await asyncpg.connect(migrated_dsn)
+    await producer.execute(TABLES)
+    name = "steps"
+    try:
+        assert await bl.ping(producer, name, race_query, WORKERS["a"]) == "created"
+        stop_key = await producer.fetchval("SELECT batchloop.lock_key('stop', $1)", name)
+        loop_pid = loop.get_server_pid()
+
+        async def while_a_ping_holds_the_row(tag: str, statement: str, *args: Any) -> Any:
+            """Run ``statement`` on ``loop`` while a ping to worker ``tag`` holds the state
+            row, and return its result once that ping has committed."""
+            tx = producer.transaction()
+            await tx.start()
+            assert await bl.ping(producer, name, race_query, WORKERS[tag]) == "updated"
+            result: list[Any] = []
+
+            async def run() -> None:
+                result.append(await loop.fetch(statement, *args))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run)
+                await wait_for(lambda: _blocked_on_lock(watcher, loop_pid))
+                await tx.commit()
+            return result[0]
+
+        async with loop.transaction():
+            # revision 1 loaded; a ping to b (revision 2) holds the row
+            booked = await while_a_ping_holds_the_row(
+                "b", sql.query("book_batch", "batchloop") + " RETURNING s.name", name, 0, 1,
+                stop_key,
+            )
+            assert booked == [], "book_batch matched the revision the ping replaced"
+        async with loop.transaction():
+            # the full fence, while a ping back to a (revision 3) holds the row
+            fence = await while_a_ping_holds_the_row(
+                "a", sql.query("fence", "batchloop"), name, 0, stop_key
+            )
+            assert [tuple(r) for r in fence] == [("running", 3)]
+        assert await loop.fetchval(
+            "SELECT s.revision = w.revision FROM batchloop.worker_state s "
+            "JOIN batchloop.workers w USING (name) WHERE name = $1",
+            name,
+        )
+    finally:
+        for c in (producer, loop, watcher):
+            await c.close()
+
+
+async def test_every_revision_change_is_mirrored_on_the_state_row(migrated_dsn: str) -> None:
+    """Running (updated), idle and waiting (woken with new callables), and a config change."""
+    conn = await asyncpg.connect(migrated_dsn)
+    await conn.execute(TABLES)
+    name = "mirror"
+
+    async def revisions() -> tuple[int, int]:
+        row = await conn.fetchrow(
+            "SELECT w.revision, s.revision AS mirrored FROM batchloop.workers w "
+            "JOIN batchloop.worker_state s USING (name) WHERE name = $1",
+            name,
+        )
+        return row["revision"], row["mirrored"]
+
+    try:
+        assert await bl.ping(conn, name, race_query, WORKERS["a"]) == "created"
+        assert await revisions() == (1, 1)
+        assert await bl.ping(conn, name, race_query, WORKERS["b"]) == "updated"
+        assert await revisions() == (2, 2)
+        assert await bl.ping(conn, name, race_query, WORKERS["b"]) == "unchanged"
+        assert await revisions() == (2, 2)
+        cfg = bl.Config(debounce=0.5)
+        assert await bl.ping(conn, name, race_query, WORKERS["b"], config=cfg) == "updated"
+        assert await revisions() == (3, 3)
+        for status in ("idle", "waiting"):
+            await conn.execute(
+                "UPDATE batchloop.workers SET status = $2 WHERE name = $1", name, status
+            )
+            await conn.execute(
+                "UPDATE batchloop.worker_state SET next_run_at = now() + interval '1 hour' "
+                "WHERE name = $1",
+                name,
+            )
+            tag = "a" if status == "idle" else "b"
+            assert await bl.ping(conn, name, race_query, WORKERS[tag]) == "woken"
+        assert await revisions() == (5, 5)
+    finally:
+        await conn.close()
