@@ -7,11 +7,11 @@ from typing import Any
 
 import asyncpg
 import pytest
+from race_jobs import TABLES, WORKERS, count_empty, empty_batches, race_query
 
 import batchloop as bl
 
 from helpers import count, wait_for
-from race_jobs import TABLES, WORKERS, count_empty, empty_batches, race_query
 
 pytestmark = pytest.mark.anyio
 
@@ -104,7 +104,11 @@ async def test_fence_rechecks_the_revision_after_waiting_for_a_ping(migrated_dsn
         async with loop.transaction():
             # revision 1 loaded; a ping to b (revision 2) holds the row
             booked = await while_a_ping_holds_the_row(
-                "b", sql.query("book_batch", "batchloop") + " RETURNING s.name", name, 0, 1,
+                "b",
+                sql.query("book_batch", "batchloop") + " RETURNING s.name",
+                name,
+                0,
+                1,
                 stop_key,
             )
             assert booked == [], "book_batch matched the revision the ping replaced"
@@ -160,5 +164,30 @@ async def test_every_revision_change_is_mirrored_on_the_state_row(migrated_dsn: 
             tag = "a" if status == "idle" else "b"
             assert await bl.ping(conn, name, race_query, WORKERS[tag]) == "woken"
         assert await revisions() == (5, 5)
+    finally:
+        await conn.close()
+
+
+async def test_empty_batches_are_warned_about_once_per_loop(
+    migrated_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="batchloop")
+    conn = await asyncpg.connect(migrated_dsn)
+    name = "empty"
+    try:
+        async with bl.Host(migrated_dsn, modules=["race_jobs"]):
+            await bl.ping(conn, name, empty_batches, count_empty)
+
+            async def batches() -> int:
+                st = await bl.status(conn, name)
+                return st.batches if st is not None else 0
+
+            await wait_for(batches, expect=lambda n: n >= 30)
+            assert await bl.stop(conn, name)
+        warned = [r for r in caplog.records if "returned an empty batch" in r.getMessage()]
+        assert len(warned) == 1, [r.getMessage() for r in warned]
+        assert warned[0].levelno == logging.WARNING
+        assert "return batchloop.Idle()" in warned[0].getMessage()
+        assert repr(name) in warned[0].getMessage()
     finally:
         await conn.close()
