@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import random
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sized
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -96,6 +96,11 @@ class Bound:
         return cls(row["revision"], query, worker, parsed)
 
 
+def _empty(batch: object) -> bool:
+    """A batch with nothing in it: a sized value of length 0 (anything unsized is not)."""
+    return isinstance(batch, Sized) and len(batch) == 0
+
+
 @lru_cache(maxsize=1024)
 def _config(text: str) -> Config:
     """A stored config, parsed once per text: claims are on the wake-up's critical path, and a
@@ -150,6 +155,8 @@ class NameLoop:
     """Why run() returned: idle, waiting, superseded, failed, stopped, unrunnable, budget,
     cancelled."""
     batches: int = 0
+    warned_empty: bool = False
+    """Whether this loop has logged that its work query returned an empty batch."""
     last_error: str | None = None
     worked_at: float = 0.0
     """``anyio.current_time()`` of the last batch or wake, for the cooldown: set from the
@@ -398,11 +405,22 @@ class NameLoop:
         return final, False
 
     async def _query(self, conn: Any) -> Work[Any] | Idle:
-        result = await self.bound.query.func(conn, self.name)
+        result: object = await self.bound.query.func(conn, self.name)
         if not isinstance(result, Work | Idle):
             raise TypeError(
                 f"work query {self.bound.query.ref} returned {type(result).__name__}; "
                 "return batchloop.Work(batch) or batchloop.Idle()"
+            )
+        if not self.warned_empty and isinstance(result, Work) and _empty(result.batch):
+            # An empty batch is still work: the loop runs again at once, with no cooldown or
+            # idle, and spins. Once per loop, so a spinning loop does not flood the log too.
+            self.warned_empty = True
+            log.warning(
+                "loop %r: work query %s returned an empty batch (Work(%r)); the loop runs again "
+                "at once and spins: return batchloop.Idle() when there is nothing to do",
+                self.name,
+                self.bound.query.ref,
+                result.batch,
             )
         return result
 

@@ -110,8 +110,9 @@ DELETE FROM {schema}.hosts WHERE host_id = $1
 -- name: fence
 -- The full fence: why book_batch found no row (superseded, a stop waiting, new callables, or
 -- a due wake-up). Locks this name's state row for the transaction, so a claim or stop (which
--- bump the generation) waits for us, and we see theirs if they came first.
-SELECT w.status, w.revision
+-- bump the generation) waits for us, and we see theirs if they came first. The revision is the
+-- state row's: if we waited for a ping's lock, only that row is re-read (see protocol.py).
+SELECT w.status, s.revision
   FROM {schema}.worker_state s JOIN {schema}.workers w USING (name)
  WHERE s.name = $1 AND s.generation = $2
    AND pg_try_advisory_xact_lock_shared($3)
@@ -123,11 +124,15 @@ SELECT w.status, w.revision
 -- callables are the ones we loaded ($3), the worker runs, and no stop waits (the stop lock,
 -- $4, try-locked shared); its row lock then holds claims and stops off until we end. When the
 -- query finds no work, unbook_batch (or go_idle / go_waiting) puts the counters back.
+-- Generation and revision are tested on worker_state, the row being updated: when this waits
+-- for a ping's or a claim's row lock, PostgreSQL re-checks the new version of that row only
+-- (the joined workers row stays as the statement's snapshot saw it), and the work query that
+-- follows sees what the lock holder committed.
 UPDATE {schema}.worker_state s
    SET batches = s.batches + 1, prev_work_at = s.last_work_at, last_work_at = now(),
        consecutive_failures = 0, next_run_at = now()
   FROM {schema}.workers w
- WHERE w.name = s.name AND s.name = $1 AND s.generation = $2 AND w.revision = $3
+ WHERE w.name = s.name AND s.name = $1 AND s.generation = $2 AND s.revision = $3
    AND w.status = 'running' AND pg_try_advisory_xact_lock_shared($4)
 
 -- name: unbook_batch
