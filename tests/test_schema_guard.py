@@ -7,6 +7,7 @@ one-line error), whether or not ``schema_version()`` was rewritten too.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import subprocess
@@ -21,7 +22,7 @@ import pytest
 
 import batchloop as bl
 import batchloop.sync as bls
-from batchloop.migrations import code_version
+from batchloop.migrations import Query, Script, Step, code_version, plan, run_blocking
 
 from helpers import wait_for
 from jobs import TABLES, next_items, process_items
@@ -180,3 +181,55 @@ async def test_host_refuses_a_newer_schema_when_it_reconnects(
     after = await conn.fetchrow(SNAPSHOT)
     assert after == before  # no more heartbeats, registrations or claims once refused
     await conn.close()
+
+
+# ------------------------------------------------------------------ the plan's decisions
+
+
+def _steps(replies: dict[str, list[dict[str, Any]]]) -> tuple[list[Step], list[int] | None]:
+    """Drive the plan with canned query replies; the steps it asked for and its result."""
+    steps = plan("batchloop")
+    seen: list[Step] = []
+    reply: list[dict[str, Any]] | None = None
+    try:
+        while True:
+            step = steps.send(reply)
+            seen.append(step)
+            reply = replies[step.name] if isinstance(step, Query) else None
+    except StopIteration as done:
+        return seen, done.value
+
+
+def _applied(*versions: int) -> list[dict[str, Any]]:
+    return [{"version": v} for v in versions]
+
+
+def test_plan_only_reads_when_up_to_date() -> None:
+    up_to_date = _applied(*range(1, code_version() + 1))
+    seen, done = _steps(
+        {"migrations_readable": [{"exists": True}], "applied_migrations": up_to_date}
+    )
+    assert done == [] and not any(isinstance(s, Script) for s in seen)
+
+
+def test_plan_refuses_a_newer_record_before_writing() -> None:
+    replies = {"migrations_readable": [{"exists": True}], "applied_migrations": _applied(1, NEWER)}
+    with pytest.raises(bl.SchemaTooNewError, match=f"version {NEWER}, newer than"):
+        _steps(replies)
+
+
+@pytest.mark.parametrize("readable", [False, True])
+def test_plan_migrates_what_is_missing_under_the_lock(readable: bool) -> None:
+    replies = {"migrations_readable": [{"exists": readable}], "applied_migrations": _applied(1)}
+    seen, done = _steps(replies)
+    assert done == list(range(2, code_version() + 1))
+    scripts = [s.sql for s in seen if isinstance(s, Script)]
+    assert "pg_advisory_xact_lock" in scripts[0] and "schema_version()" in scripts[-1]
+
+
+def test_run_blocking_refuses_a_coroutine_that_suspends() -> None:
+    async def suspends() -> None:
+        await asyncio.sleep(0)
+
+    with pytest.raises(RuntimeError, match="suspended"):
+        run_blocking(suspends())
