@@ -78,7 +78,7 @@ def _lock_key(schema: str) -> int:
 
 
 def plan(schema: str) -> Generator[Step, Sequence[Row] | None, list[int]]:
-    """The migration, as steps; runs inside one transaction that the driver opens.
+    """The migration, as steps; runs inside one transaction that the caller of run_plan opens.
 
     When every migration is applied it only reads, so a role that may not create anything (an
     application role, after the owner migrated) can run it, and a too-new schema is refused
