@@ -20,7 +20,7 @@ from .connect import check_dedicated_session, connect
 from .control import Control
 from .drivers.asyncpg import AsyncpgSession
 from .loop import Bound, LoopContext, NameLoop
-from .migrations import code_version
+from .migrations import code_version, refuse_newer
 from .models import TickFailure, TickReport
 from .registry import lookup, refs
 from .schema_name import DEFAULT_SCHEMA, check_name, check_schema
@@ -76,7 +76,7 @@ async def _tick(conn: Any, wanted: set[str] | None, budget: float, schema: str) 
 async def _drain(control: Control, wanted: set[str] | None, deadline: float) -> TickReport:
     conn, schema = control.conn, control.schema
     report = TickReport()
-    await control.fetchval("check_version", code_version())
+    refuse_newer(await control.fetchval("check_version", code_version()), schema)
     tick_id = "tick-" + uuid.uuid4().hex[:11]
     rows = await control.fetch("orphans", 100_000, refs("work_query"), refs("worker"))
     due = [

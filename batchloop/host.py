@@ -35,9 +35,9 @@ from .control import Control
 from .drivers.asyncpg import AsyncpgLoopDriver
 from .drivers.base import Session
 from .drivers.psycopg import PsycopgLoopDriver, PsycopgPool
-from .errors import BatchloopError
+from .errors import BatchloopError, SchemaTooNewError
 from .loop import Bound, CallableMissing, LoopContext, NameLoop
-from .migrations import check_version
+from .migrations import check_version, code_version, refuse_newer
 from .registry import import_modules, lookup, refs
 from .schema_name import DEFAULT_SCHEMA, check_schema
 
@@ -267,6 +267,8 @@ class Host:
         while True:
             try:
                 control = await self._open_control(self.startup_timeout if first else None)
+            except SchemaTooNewError:
+                raise  # for good: retrying cannot help, and this code must not run on it
             except Exception:
                 if first:
                     raise
@@ -336,6 +338,8 @@ class Host:
                     f"control_dsn ({redact(self.control_dsn)}) and dsn ({redact(self.dsn)}) "
                     "lead to different databases"
                 )
+            # Every session, not just the first: a newer release may have migrated meanwhile.
+            refuse_newer(await control.fetchval("check_version", code_version()), self.schema)
             await control.fetchval("register_host", self.host_id, self.hostname, self.pid)
             await control.listen(self._on_notify)
         except BaseException:

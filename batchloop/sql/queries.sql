@@ -2,20 +2,35 @@
 -- (the psycopg driver rewrites them). Transitions with several steps live in plpgsql functions
 -- (migrations/), so each call here is one round trip.
 
+-- The calls from user transactions read the migration record first and skip their function
+-- when it names a version newer than this code ($n, the code's version): a newer release's
+-- migrate may leave schema_version() alone, and its functions are not ours to trust. "newest"
+-- comes back for the client to refuse; CASE evaluates the call only when it is not skipped.
+
 -- name: ping
-SELECT {schema}.ping($1, $2, $3, $4::jsonb, $5::jsonb, $6)
+SELECT v.newest, CASE WHEN v.newest > $6 THEN NULL
+                 ELSE {schema}.ping($1, $2, $3, $4::jsonb, $5::jsonb, $6) END AS result
+  FROM (SELECT max(version) AS newest FROM {schema}.schema_migrations) v
 
 -- name: stop
-SELECT {schema}.stop_worker($1, $2)
+SELECT v.newest, CASE WHEN v.newest > $2 THEN NULL
+                 ELSE {schema}.stop_worker($1, $2) END AS result
+  FROM (SELECT max(version) AS newest FROM {schema}.schema_migrations) v
 
 -- name: start
-SELECT {schema}.start_worker($1, $2)
+SELECT v.newest, CASE WHEN v.newest > $2 THEN NULL
+                 ELSE {schema}.start_worker($1, $2) END AS result
+  FROM (SELECT max(version) AS newest FROM {schema}.schema_migrations) v
 
 -- name: check_version
-SELECT {schema}.check_version($1)
+-- Raises when schema_version() is newer than $1; returns the newest recorded migration.
+SELECT (SELECT max(version) FROM {schema}.schema_migrations) AS newest,
+       {schema}.check_version($1) AS checked
 
 -- name: schema_version
-SELECT {schema}.schema_version()
+-- The newer of schema_version() and the migration record (see above).
+SELECT greatest({schema}.schema_version(),
+                (SELECT max(version) FROM {schema}.schema_migrations))
 
 -- name: status
 WITH held AS (
