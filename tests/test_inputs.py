@@ -11,9 +11,11 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import asyncpg
+import input_jobs
 import psycopg
 import pydantic
 import pytest
+from input_jobs import query, worker
 
 import batchloop as bl
 import batchloop.sync as bls
@@ -23,9 +25,7 @@ from batchloop.display import printable
 from batchloop.errors import BatchloopError
 from batchloop.models import MAX_SECONDS, Config, Owner, WorkerStatus
 
-import input_jobs
 from helpers import wait_for
-from input_jobs import query, worker
 
 pytestmark = pytest.mark.anyio
 
@@ -192,20 +192,20 @@ async def test_ping_never_stores_a_config_that_would_not_validate(
 
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan, MAX_SECONDS * 2])
 def test_idle_and_debounce_refuse_non_finite_or_huge_values(value: float) -> None:
-    with pytest.raises(ValueError, match="Idle.timeout"):
+    with pytest.raises(ValueError, match=r"Idle\.timeout"):
         bl.Idle(timeout=value)
-    with pytest.raises(ValueError, match="Idle.cooldown"):
+    with pytest.raises(ValueError, match=r"Idle\.cooldown"):
         bl.Idle(cooldown=value)
-    with pytest.raises(ValueError, match="Idle.poll_interval"):
+    with pytest.raises(ValueError, match=r"Idle\.poll_interval"):
         bl.Idle(poll_interval=value)
-    with pytest.raises(ValueError, match="Debounce.seconds"):
+    with pytest.raises(ValueError, match=r"Debounce\.seconds"):
         bl.Debounce(value)
 
 
 def test_idle_and_debounce_refuse_what_is_not_a_number() -> None:
-    with pytest.raises(TypeError, match="Idle.timeout"):
+    with pytest.raises(TypeError, match=r"Idle\.timeout"):
         bl.Idle(timeout="5")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="Debounce.seconds"):
+    with pytest.raises(TypeError, match=r"Debounce\.seconds"):
         bl.Debounce(None)  # type: ignore[arg-type]
     assert bl.Debounce(5).seconds == 5 and bl.Idle(timeout=MAX_SECONDS).timeout == MAX_SECONDS
 
@@ -226,7 +226,9 @@ def test_sql_literal_numbers() -> None:
 
 
 @pytest.mark.parametrize(("mode", "state"), [("debounce_far", "running"), ("idle_far", "waiting")])
-async def test_the_longest_allowed_delay_is_stored(migrated_dsn: str, mode: str, state: str) -> None:
+async def test_the_longest_allowed_delay_is_stored(
+    migrated_dsn: str, mode: str, state: str
+) -> None:
     """MAX_SECONDS stays within PostgreSQL's interval range, through the inlined COMMIT text
     (Debounce) and a bound parameter (Idle timeout) alike."""
     name = f"far-{mode}"
@@ -361,9 +363,11 @@ def test_cli_status_escapes_names_and_errors_but_json_is_verbatim(migrated_dsn: 
 
 
 async def test_tick_refuses_what_is_not_a_dsn_or_an_asyncpg_connection(migrated_dsn: str) -> None:
-    with psycopg.connect(migrated_dsn, autocommit=True) as sync_conn:
-        with pytest.raises(TypeError, match="DSN string, None .* or an asyncpg Connection"):
-            await bl.tick(sync_conn)
+    with (
+        psycopg.connect(migrated_dsn, autocommit=True) as sync_conn,
+        pytest.raises(TypeError, match=r"DSN string, None .* or an asyncpg Connection"),
+    ):
+        await bl.tick(sync_conn)
     aconn = await psycopg.AsyncConnection.connect(migrated_dsn, autocommit=True)
     try:
         with pytest.raises(TypeError, match="psycopg connections are not supported"):
