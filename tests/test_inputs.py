@@ -159,6 +159,36 @@ async def test_a_broken_config_row_does_not_hide_the_others(
     assert needle in json.loads(one_json.stdout)["config_error"]
 
 
+@pytest.mark.parametrize("stored", ['{"monitor_lag": "abc"}', '{"monitor_lag": 1e400}', "[1]"])
+async def test_a_broken_config_row_does_not_stop_the_monitor_query(
+    migrated_dsn: str, stored: str
+) -> None:
+    """The monitor's query (``orphans``, which tick uses too) reads every name's monitor_lag;
+    a held name whose owner is a live host makes it look at the broken one's."""
+    conn = await asyncpg.connect(migrated_dsn)
+    holder = await asyncpg.connect(migrated_dsn)
+    try:
+        for name in ("held", "free"):
+            await _ping(conn, name)
+        await conn.execute(
+            "INSERT INTO batchloop.hosts (host_id, hostname, pid) VALUES ('h1', 'elsewhere', 1)"
+        )
+        await conn.execute(
+            "UPDATE batchloop.worker_state SET owner_host = 'h1' WHERE name = 'held'"
+        )
+        await conn.execute(
+            "UPDATE batchloop.workers SET config = $1::jsonb WHERE name = 'held'", stored
+        )
+        await holder.execute(
+            "SELECT pg_advisory_lock(lock_key) FROM batchloop.workers WHERE name = 'held'"
+        )
+        report = await bl.tick(conn)
+        assert report.checked == ["free"] and report.drained == ["free"]
+    finally:
+        await conn.close()
+        await holder.close()
+
+
 @pytest.mark.parametrize(
     "config",
     [
