@@ -26,7 +26,12 @@ def ping_args(
         raise TypeError(f"config must be a batchloop.Config, got {type(config).__name__}")
     query_ref = resolve_callable(work_query, "work_query")
     worker_ref = resolve_callable(worker, "worker")
-    config_json = config.model_dump_json() if config is not None else None
+    # Validated again: model_construct() (or a mutated copy) skips validation, and what is
+    # stored must parse back, or status and the loop would refuse the row later.
+    config_json = None
+    if config is not None:
+        valid = Config.model_validate(config.model_dump(warnings=False))
+        config_json = valid.model_dump_json()
     return (name, query_ref, worker_ref, config_json, _DEFAULT_CONFIG, code_version())
 
 

@@ -94,7 +94,7 @@ class Host:
         self.control_dsn = control_dsn if control_dsn is not None else dsn
         self._pooled = control_dsn is not None
         """The pool goes through a transaction pooler: no prepared statements of ours."""
-        self.modules = tuple(modules)
+        self.modules = _module_names(modules)
         self.schema = check_schema(schema)
         if not 0 < monitor_interval <= 60 or not 0 < heartbeat_interval <= 60:
             raise ValueError("monitor_interval and heartbeat_interval must be in (0, 60] seconds")
@@ -641,6 +641,23 @@ its subtransactions (one per name claimed) stay within PostgreSQL's per-backend 
 
 def _some(names: list[str]) -> str:
     return repr(names[0]) if len(names) == 1 else f"{len(names)} names"
+
+
+def _module_names(modules: object) -> tuple[str, ...]:
+    # A str is an iterable too: "pkg.mod" would be imported letter by letter.
+    if isinstance(modules, str | bytes) or not isinstance(modules, Iterable):
+        raise TypeError(
+            f"modules must be a list of module names, e.g. modules=[{modules!r}], "
+            f"got {type(modules).__name__}"
+        )
+    names = tuple(modules)
+    for module in names:
+        if not isinstance(module, str):
+            raise TypeError(
+                f"modules must hold module names (str), e.g. 'myapp.jobs', got "
+                f"{type(module).__name__} {module!r}"
+            )
+    return names
 
 
 async def _schema_version(s: Session) -> int | None:

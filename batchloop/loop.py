@@ -71,6 +71,19 @@ END_BACKEND_TIMEOUT = 5.0
 """How long a loop tries to end the backend of a connection it lost mid-statement."""
 
 
+def storable(text: str) -> str:
+    """``text`` as PostgreSQL ``text`` accepts it, visibly escaped where it would not: a NUL,
+    or a lone surrogate (no UTF-8 form). Either would make the server (or the driver) refuse
+    the whole statement, and the failure would go unrecorded."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 class CallableMissing(Exception):
     """A row names a callable this process did not register."""
 
@@ -459,7 +472,7 @@ class NameLoop:
             f": {exc}" if lost else "",
             exc_info=None if lost else exc,
         )
-        message = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        message = storable("".join(traceback.format_exception_only(type(exc), exc)).strip())
         self.last_error = message
         try:
             async with self.ctx.pool.acquire() as conn:

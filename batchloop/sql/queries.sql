@@ -80,6 +80,8 @@ UPDATE {schema}.hosts SET heartbeat_at = now() WHERE host_id = $1 RETURNING host
 -- process can run ($2, $3: its registered refs) and whose session lock nobody holds (claim
 -- them), and any whose owner's heartbeat is older than the name's monitor_lag (a frozen or
 -- cut-off host: stale_owner; its backends must be terminated first). Most overdue first.
+-- A monitor_lag that is not a number in Config's range (a hand-edited row) counts as the
+-- default 60 s rather than failing this query, and so the monitor, for every name.
 WITH held AS (
     SELECT (classid::bigint << 32) | objid::bigint AS key
       FROM pg_locks
@@ -94,7 +96,10 @@ SELECT w.name, w.work_query, w.worker,
  WHERE (w.status = 'running' OR (w.status = 'waiting' AND s.next_run_at <= now()))
    AND ((w.lock_key NOT IN (SELECT key FROM held)
          AND w.work_query = ANY($2::text[]) AND w.worker = ANY($3::text[]))
-        OR h.heartbeat_at < now() - make_interval(secs => (w.config->>'monitor_lag')::float8))
+        OR h.heartbeat_at < now() - make_interval(secs => coalesce(
+               CASE WHEN jsonb_typeof(w.config->'monitor_lag') = 'number' THEN  -- nested: in order
+                   CASE WHEN (w.config->'monitor_lag')::numeric BETWEEN 1 AND 86400
+                        THEN (w.config->'monitor_lag')::float8 END END, 60)))
  ORDER BY s.next_run_at NULLS FIRST
  LIMIT $1
 
