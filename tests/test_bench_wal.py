@@ -45,6 +45,8 @@ class LaggingServer:
             return self.insert
         if "pg_current_wal_flush_lsn" in query:
             return self.flush.pop(0) if len(self.flush) > 1 else self.flush[0]
+        if "::pg_lsn - " in query:
+            return _pos(args[1]) - _pos(args[0])
         raise AssertionError(query)
 
     async def fetchrow(self, query: str, start: str, end: str, *_: Any) -> dict[str, Any]:
