@@ -233,7 +233,7 @@ async def connect(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-RELEASE_TIMEOUT = 5.0
+RELEASE_TIMEOUT = 2.0
 """How long returning a connection to the pool may take. asyncpg first waits for any cancel
 request it sent (a cancelled statement) and that wait is unbounded without a command_timeout:
 to a frozen server it would never end, and neither would the loop or the host's session."""

@@ -308,7 +308,8 @@ class Host:
                 self._recheck.clear()
                 if not self._closing:
                     control.fail()
-                    self._forget_pool_connections()
+                    with anyio.CancelScope(shield=True):
+                        await self._forget_pool_connections()
             if self._closing:
                 return
             self._zombie_control.add((control.pid, control.server))
@@ -348,14 +349,14 @@ class Host:
         if ended:
             log.warning("host %s ended %d backend(s) of its lost session", self.host_id, ended)
 
-    def _forget_pool_connections(self) -> None:
+    async def _forget_pool_connections(self) -> None:
         """The control session is gone, and the server may be with it (a failover, a frozen
         primary): the pool's idle connections would hang the loops of the next session, so
         they are replaced as they are next acquired."""
         pool: Any = self._pool.pool if self._pool is not None else None
         try:
             if isinstance(self._pool, AsyncpgPool):
-                pool.expire_connections()
+                await pool.expire_connections()
             elif isinstance(self._pool, PsycopgPool) and self._tg is not None:
                 self._tg.start_soon(self._drain_psycopg_pool, pool)
         except Exception as exc:

@@ -24,8 +24,9 @@ from .. import sql
 from ..errors import TransactionAborted
 from .base import Session
 
-CLEANUP_TIMEOUT = 5.0
-"""How long a cleanup step (a rollback) may wait on the server: a frozen one never answers."""
+CLEANUP_TIMEOUT = 2.0
+"""How long a cleanup step (a rollback) may wait on the server: a frozen one never answers.
+Short, because giving up is safe: the connection is then closed, which rolls back too."""
 
 DUPLICATE_PREPARED = "42P05"
 UNKNOWN_PREPARED = "26000"
