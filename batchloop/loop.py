@@ -168,6 +168,9 @@ class NameLoop:
     worked_at: float = 0.0
     """``anyio.current_time()`` of the last batch or wake, for the cooldown: set from the
     database's ``since_work`` at the claim and at every re-arm, then by our own batches."""
+    _lost: bool = False
+    """The last iteration's connection broke: its failure is a connection loss, whatever
+    exception the driver raised for it."""
     _held: tuple[AbstractAsyncContextManager[Any], Any] | None = None
     """A pool connection kept between iterations that follow each other without a pause,
     which spares a pool round trip (asyncpg resets connections on release) per batch."""
@@ -291,6 +294,10 @@ class NameLoop:
             self.ctx.in_flight.pop(pid, None)
             with anyio.CancelScope(shield=True):
                 broken = self.ctx.driver.broken(conn)
+                if broken:
+                    # asyncpg may report a connection the server dropped under it as an
+                    # internal state error: it is a lost connection all the same.
+                    self._lost = True
                 await self._put_back()  # the pool checks it, and replaces it if broken
                 if broken:
                     await self._end_backend(pid, server)
@@ -450,7 +457,7 @@ class NameLoop:
         decision = decide.after_failure(
             self.failures, self.bound.config.monitor_lag, random.random()
         )
-        lost = connection_lost(exc)
+        lost, self._lost = connection_lost(exc) or self._lost, False
         log.log(
             logging.WARNING if lost else logging.ERROR,
             "loop %r failed (%d in a row%s), retrying in %.2fs%s",

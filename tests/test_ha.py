@@ -14,16 +14,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import asyncpg
 import pytest
+from test_faults import Fleet, prepare
 
 import batchloop as bl
 
 from cluster import Cluster, make_cluster, make_standby
 from helpers import wait_for
 from invariants import assert_invariants
-from jobs import insert_and_ping
-from test_faults import Fleet, prepare
+from jobs import create_tables, insert_and_ping
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -95,3 +96,111 @@ async def test_hosts_follow_the_promoted_standby(
         )
     finally:
         await new.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces of the failover, on the shared server
+
+
+async def test_a_connection_dropped_at_begin_reports_its_own_error(migrated_dsn: str) -> None:
+    """asyncpg releases a connection the server dropped back to its pool at once, so cleaning
+    up after the failed BEGIN used to fail with "connection has been released back to the
+    pool", hiding why the iteration failed. The BEGIN's booking is held up on a row lock while
+    its backend is terminated, so the drop comes in the middle of it."""
+    from batchloop.drivers.asyncpg import Iteration
+
+    admin = await asyncpg.connect(migrated_dsn)
+    await create_tables(admin)
+    await insert_and_ping(admin, "b", 1)
+    generation, revision = await admin.fetchrow(
+        "SELECT s.generation, w.revision FROM batchloop.worker_state s"
+        " JOIN batchloop.workers w USING (name) WHERE name = 'b'"
+    )
+    pool = await asyncpg.create_pool(migrated_dsn, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            pid = conn.get_server_pid()
+            it = Iteration(conn, "batchloop", "b", generation, 1, prepare=False)
+            async with admin.transaction():
+                await admin.execute(
+                    "SELECT 1 FROM batchloop.worker_state WHERE name = 'b' FOR UPDATE"
+                )
+                failure: list[BaseException] = []
+
+                async def begin() -> None:
+                    try:
+                        await it.begin(revision)
+                    except Exception as exc:
+                        failure.append(exc)
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(begin)
+                    await wait_for(
+                        lambda: admin.fetchval(
+                            "SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1", pid
+                        ),
+                        expect="Lock",
+                    )
+                    await admin.execute("SELECT pg_terminate_backend($1)", pid)
+        assert failure, "BEGIN did not fail"
+        assert "released back to the pool" not in str(failure[0]), repr(failure[0])
+        assert isinstance(
+            failure[0],
+            asyncpg.PostgresConnectionError
+            | asyncpg.AdminShutdownError
+            | asyncpg.ConnectionDoesNotExistError,
+        ), repr(failure[0])
+    finally:
+        await admin.close()
+        await pool.close()
+
+
+async def test_psycopg_pool_hands_out_no_dead_connection(migrated_dsn: str) -> None:
+    """After a failover every idle connection of the pool is dead: each must be checked
+    before a loop gets it."""
+    from batchloop.connect import create_psycopg_pool
+
+    pool = await create_psycopg_pool(
+        migrated_dsn, timeout=10, min_size=2, max_size=2, application_name="bl-ha-check"
+    )
+    admin = await asyncpg.connect(migrated_dsn)
+    try:
+        await wait_for(
+            lambda: admin.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'bl-ha-check'"
+            ),
+            expect=2,
+        )
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'bl-ha-check'"
+        )
+        for _ in range(2):
+            async with pool.acquire() as conn:
+                cur = await conn.execute("SELECT 1")
+                assert await cur.fetchone() == (1,)
+    finally:
+        await admin.close()
+        await pool.close()
+
+
+async def test_zombies_are_ended_only_on_the_server_they_were_on(migrated_dsn: str) -> None:
+    """A pid recorded on one server (identified by its postmaster's start time) is never
+    terminated on another: there it may be any live backend."""
+    from batchloop import sql
+    from batchloop.connect import SERVER_ID
+
+    victim = await asyncpg.connect(
+        migrated_dsn, server_settings={"application_name": "bl-ha-zombie"}
+    )
+    admin = await asyncpg.connect(migrated_dsn)
+    try:
+        pid = victim.get_server_pid()
+        query = sql.query("end_zombies", "batchloop")
+        here = await admin.fetchval(SERVER_ID)
+        assert await admin.fetchval(query, [pid], [], "bl-ha-zombie", "12345.6") == 0
+        assert not victim.is_closed() and await victim.fetchval("SELECT 1") == 1
+        assert await admin.fetchval(query, [pid], [], "bl-ha-zombie", here) == 1
+    finally:
+        await admin.close()
+        victim.terminate()
