@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import socket
+import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -31,6 +35,7 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.ConnectionDoesNotExistError,
     asyncpg.TooManyConnectionsError,
+    asyncpg.TargetServerAttributeNotMatched,  # a standby, maybe about to be promoted
 )
 
 
@@ -68,9 +73,32 @@ async def server_keepalive(conn: asyncpg.Connection) -> None:
     await conn.execute(SERVER_KEEPALIVE)
 
 
+SERVER_ID = "SELECT extract(epoch FROM pg_postmaster_start_time())::text"
+"""Which server (and which run of it) a backend pid belongs to: after a failover the same pid
+on the new primary is someone else's backend. A promoted standby shares the old primary's
+system identifier, but not its postmaster's start time; the epoch form does not depend on the
+session's TimeZone or DateStyle."""
+
+_servers: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def remember_server(conn: Any, server: str | None) -> None:
+    if server is not None:
+        _servers[getattr(conn, "_con", None) or conn] = server
+
+
+def server_id(conn: Any) -> str | None:
+    """The SERVER_ID a pool connection (asyncpg or psycopg) reported when it was opened."""
+    try:
+        return _servers.get(getattr(conn, "_con", None) or conn)
+    except TypeError:
+        return None
+
+
 async def _init(conn: asyncpg.Connection) -> None:
     keepalive(conn)
     await server_keepalive(conn)
+    remember_server(conn, await conn.fetchval(SERVER_ID))
 
 
 async def _reset(conn: asyncpg.Connection) -> None:
@@ -89,9 +117,12 @@ def _clear(exc: BaseException, dsn: str | None) -> ConnectError:
     return ConnectError(f"cannot connect to PostgreSQL at {redact(dsn)}: {exc}")
 
 
-def retrying(timeout: float | None, what: str = "PostgreSQL") -> AsyncRetrying:
-    """Retry transient connection failures with jittered exponential backoff, at most 5 s apart,
-    giving up before ``timeout`` would be overrun (None: never)."""
+def retrying(
+    timeout: float | None, what: str = "PostgreSQL", *, max_wait: float = 4.0
+) -> AsyncRetrying:
+    """Retry transient connection failures with jittered exponential backoff, at most
+    ``max_wait`` (plus up to a quarter of it, at least 0.25 s, of jitter) apart, giving up
+    before ``timeout`` would be overrun (None: never)."""
 
     def say(state: RetryCallState) -> None:
         # An `after` hook: it runs for every failed attempt, the last one too, so even a
@@ -101,24 +132,149 @@ def retrying(timeout: float | None, what: str = "PostgreSQL") -> AsyncRetrying:
 
     return AsyncRetrying(
         retry=retry_if_exception_type(TRANSIENT),
-        wait=wait_exponential(multiplier=0.2, max=4.0) + wait_random(0, 1.0),
+        wait=wait_exponential(multiplier=min(0.2, max_wait / 4), max=max_wait)
+        + wait_random(0, max(0.25, max_wait / 4)),
         stop=stop_before_delay(timeout) if timeout is not None else stop_never,
         after=say,
         reraise=True,
     )
 
 
-async def connect(dsn: str | None, *, timeout: float | None, **kwargs: Any) -> asyncpg.Connection:
-    """One connection; retries transient failures until ``timeout`` (None: for ever)."""
+HOST_CONNECT_TIMEOUT = 5.0
+"""How long one host of a multi-host DSN gets to answer, unless the DSN's ``connect_timeout``
+or ``connect_kwargs["timeout"]`` says otherwise: a frozen primary accepts TCP connections (the
+kernel does) but never answers, and must not use up the time the next host needs."""
+
+_last_good: dict[str, tuple[str, int]] = {}
+"""The host of each multi-host DSN that answered last: tried first next time, so that once the
+standby is promoted, every new connection does not first wait out the frozen old primary."""
+
+
+def hosts_of(dsn: str | None) -> tuple[list[tuple[str, int]], dict[str, str]] | None:
+    """The (host, port) list of a multi-host DSN and its libpq parameters; None for a single
+    host (or a DSN asyncpg should judge itself)."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
     try:
-        async for attempt in retrying(timeout, redact(dsn)):
+        params = {k: str(v) for k, v in conninfo_to_dict(dsn or "").items() if v is not None}
+    except psycopg.ProgrammingError:
+        return None
+    hosts = params.get("host", "").split(",")
+    if len(hosts) < 2:
+        return None
+    ports = params.get("port", "").split(",")
+    if len(ports) == 1:
+        ports = ports * len(hosts)
+    if len(ports) != len(hosts) or not all(p.strip().isdigit() or not p.strip() for p in ports):
+        return None  # asyncpg's own error says what is wrong
+    default = os.environ.get("PGPORT", "5432")
+    return [(h, int(p.strip() or default)) for h, p in zip(hosts, ports, strict=True)], params
+
+
+async def connect_once(dsn: str | None, **kwargs: Any) -> asyncpg.Connection:
+    """``asyncpg.connect``, but each host of a multi-host DSN gets its own attempt and timeout
+    (asyncpg spends its one timeout on the first host and ignores ``connect_timeout``), and a
+    multi-host DSN defaults to ``target_session_attrs=read-write``: a host writes."""
+    parsed = hosts_of(dsn)
+    if parsed is None:
+        return await asyncpg.connect(dsn, **kwargs)
+    targets, params = parsed
+    key = dsn or ""
+    if key in _last_good and _last_good[key] in targets:
+        targets.remove(_last_good[key])
+        targets.insert(0, _last_good[key])
+    per_host = float(kwargs.pop("timeout", None) or params.get("connect_timeout") or 0)
+    per_host = per_host if per_host > 0 else HOST_CONNECT_TIMEOUT
+    if "target_session_attrs" not in params and "PGTARGETSESSIONATTRS" not in os.environ:
+        kwargs.setdefault("target_session_attrs", "read-write")
+    failures: list[str] = []
+    for host, port in targets:
+        try:
+            conn: asyncpg.Connection = await asyncpg.connect(
+                dsn, host=host, port=port, timeout=per_host, **kwargs
+            )
+        except TRANSIENT as exc:
+            failures.append(f"{host}:{port}: {type(exc).__name__}: {exc}".rstrip(": "))
+            continue
+        _last_good[key] = (host, port)
+        return conn
+    raise ConnectionError("no host would do: " + "; ".join(failures))
+
+
+def server_of(conn: asyncpg.Connection) -> str:
+    """Which server a connection reached, for the log (host:port as connected)."""
+    addr = getattr(conn, "_addr", None)  # asyncpg's own, for the log only
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return f"{addr[0]}:{addr[1]}"
+    return str(addr) if addr else "the server"
+
+
+async def connect(
+    dsn: str | None, *, timeout: float | None, max_wait: float = 4.0, **kwargs: Any
+) -> asyncpg.Connection:
+    """One connection; retries transient failures until ``timeout`` (None: for ever), at most
+    ``max_wait`` (plus jitter) apart."""
+    try:
+        async for attempt in retrying(timeout, redact(dsn), max_wait=max_wait):
             with attempt:
-                conn: asyncpg.Connection = await asyncpg.connect(dsn, **kwargs)
+                conn = await connect_once(dsn, **kwargs)
                 keepalive(conn)
+                if attempt.retry_state.attempt_number > 1:
+                    log.warning(
+                        "reached %s again at %s (attempt %d)",
+                        redact(dsn),
+                        server_of(conn),
+                        attempt.retry_state.attempt_number,
+                    )
                 return conn
     except (asyncpg.PostgresError, ValueError, *TRANSIENT) as exc:  # type: ignore[misc]
         raise _clear(exc, dsn) from exc
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+RELEASE_TIMEOUT = 2.0
+"""How long returning a connection to the pool may take. asyncpg first waits for any cancel
+request it sent (a cancelled statement) and that wait is unbounded without a command_timeout:
+to a frozen server it would never end, and neither would the loop or the host's session."""
+
+CLOSE_TIMEOUT = 5.0
+
+
+class AsyncpgPool:
+    """An asyncpg pool lending connections the way the loop asks for them, with a bounded
+    release (a connection that does not come back in time is terminated, not waited for)."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Any]:
+        import anyio  # here: at the top, ruff would take every `timeout` parameter for anyio's
+
+        conn = await self.pool.acquire()
+        try:
+            yield conn
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self.pool.release(conn, timeout=RELEASE_TIMEOUT)
+                except Exception as exc:
+                    # asyncpg terminated it (a new one replaces it); the caller's error, if
+                    # any, is the one worth reporting.
+                    log.debug("a pool connection did not come back cleanly: %r", exc)
+
+    async def close(self) -> None:
+        import anyio
+
+        with anyio.move_on_after(CLOSE_TIMEOUT, shield=True) as scope:
+            await self.pool.close()
+        if scope.cancelled_caught:
+            self.pool.terminate()
+
+
+async def _pool_connect(dsn: str | None, **kwargs: Any) -> asyncpg.Connection:
+    return await connect_once(dsn, **kwargs)
 
 
 async def create_pool(
@@ -127,8 +283,14 @@ async def create_pool(
     try:
         async for attempt in retrying(timeout, redact(dsn)):
             with attempt:
-                pool: asyncpg.Pool = await asyncpg.create_pool(
-                    dsn, min_size=min_size, max_size=max_size, init=_init, reset=_reset, **kwargs
+                pool: asyncpg.Pool = await asyncpg.create_pool(  # type: ignore[call-overload]
+                    dsn,
+                    min_size=min_size,
+                    max_size=max_size,
+                    init=_init,
+                    reset=_reset,
+                    connect=_pool_connect,
+                    **kwargs,
                 )
                 return pool
     except (asyncpg.PostgresError, ValueError, *TRANSIENT) as exc:  # type: ignore[misc]
@@ -194,6 +356,8 @@ async def create_psycopg_pool(
 
     async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
         await conn.execute(SERVER_KEEPALIVE.encode())
+        row = await (await conn.execute(SERVER_ID.encode())).fetchone()
+        remember_server(conn, str(row[0]) if row else None)
 
     async def reset(conn: psycopg.AsyncConnection[Any]) -> None:
         await conn.execute(_RESET.encode())
@@ -205,6 +369,9 @@ async def create_psycopg_pool(
         open=False,
         configure=configure,
         reset=reset,
+        # After a failover the pool's idle connections are all dead: check each before lending
+        # it (one round trip), or every loop gets a closed one and fails an iteration on it.
+        check=AsyncConnectionPool.check_connection,
         name=application_name,
         kwargs={
             **(params or {}),

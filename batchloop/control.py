@@ -28,6 +28,8 @@ class Control:
         self.schema = schema
         self._lock = anyio.Lock()
         self.pid: int = conn.get_server_pid()
+        self.server: str | None = None
+        """Which server the session is on (connect.SERVER_ID), read by ``identify``."""
         self.lost = anyio.Event()
         """Set once the connection is gone or distrusted; the host then starts a new session."""
         conn.add_termination_listener(self._on_terminated)
@@ -44,6 +46,13 @@ class Control:
         self.lost.set()
         if not self.conn.is_closed():
             self.conn.terminate()
+
+    async def identify(self) -> str:
+        from .connect import SERVER_ID
+
+        async with self._lock:
+            self.server = str(await self.conn.fetchval(SERVER_ID, timeout=STATEMENT_TIMEOUT))
+        return self.server
 
     async def fetch(self, name: str, *args: Any) -> Sequence[Row]:
         async with self._lock:
@@ -68,7 +77,9 @@ class Control:
             callback(str(payload))
 
         async with self._lock:
-            await self.conn.add_listener(channel(self.schema), on_notify)
+            # asyncpg's LISTEN has no timeout of its own: a frozen server would hang us here.
+            with anyio.fail_after(STATEMENT_TIMEOUT):
+                await self.conn.add_listener(channel(self.schema), on_notify)
 
     async def release_all(self, host_id: str, payloads: list[str]) -> None:
         """Unlock every name, drop the host row and tell the other hosts, in one round trip."""

@@ -23,6 +23,7 @@ import asyncpg
 from anyio.abc import TaskGroup, TaskStatus
 
 from .connect import (
+    AsyncpgPool,
     check_dedicated_session,
     connect,
     create_pool,
@@ -30,6 +31,7 @@ from .connect import (
     libpq_params,
     redact,
     server_keepalive,
+    server_of,
 )
 from .control import Control
 from .drivers.asyncpg import AsyncpgLoopDriver
@@ -135,7 +137,8 @@ class Host:
         """Names whose callables this process lacks: wake-ups for them are left to others."""
         self._closing = False
         self._overflowed = False
-        self._zombie_control: set[int] = set()
+        self._zombie_control: set[tuple[int, str | None]] = set()
+        """Lost control sessions' (pid, server) that may live on at their server."""
         self._cannot_end: set[str] = set()
         """Frozen hosts this host's role may not terminate (already explained in the log)."""
         self._drained = anyio.Event()
@@ -149,7 +152,7 @@ class Host:
         ``Pool``, or with ``driver="psycopg"`` a ``psycopg_pool.AsyncConnectionPool``."""
         if self._pool is None:
             raise BatchloopError("the Host is not running: use `async with Host(...) as host`")
-        return self._pool.pool if isinstance(self._pool, PsycopgPool) else self._pool
+        return self._pool.pool
 
     def owned(self) -> set[str]:
         """Names whose loops this host runs right now."""
@@ -220,12 +223,14 @@ class Host:
     async def _create_pool(self) -> Any:
         min_size, max_size = self._pool_sizes
         if self.driver == "asyncpg":
-            return await create_pool(
-                self.dsn,
-                timeout=self.startup_timeout,
-                min_size=min_size,
-                max_size=max_size,
-                **self._pool_kwargs,
+            return AsyncpgPool(
+                await create_pool(
+                    self.dsn,
+                    timeout=self.startup_timeout,
+                    min_size=min_size,
+                    max_size=max_size,
+                    **self._pool_kwargs,
+                )
             )
         # Reach the server with asyncpg's retries and clear errors first (a bad database or
         # role fails at once, a server still starting is waited for); then open the pool.
@@ -275,6 +280,13 @@ class Host:
                 log.exception("host %s: cannot reopen its control connection", self.host_id)
                 await anyio.sleep(1.0)
                 continue
+            if not first:
+                log.warning(
+                    "host %s is back: control connection to %s (server started at epoch %s)",
+                    self.host_id,
+                    server_of(control.conn),
+                    control.server,
+                )
             self._control = control
             await self._end_zombies(control)
             try:
@@ -298,9 +310,11 @@ class Host:
                 self._recheck.clear()
                 if not self._closing:
                     control.fail()
+                    with anyio.CancelScope(shield=True):
+                        await self._forget_pool_connections()
             if self._closing:
                 return
-            self._zombie_control.add(control.pid)
+            self._zombie_control.add((control.pid, control.server))
             log.warning("host %s lost its control connection; reconnecting", self.host_id)
 
     async def _end_zombies(self, control: Control) -> None:
@@ -310,25 +324,69 @@ class Host:
         holding the name's session lock or state row lock, and nobody else would end it: this
         host's heartbeat is fresh again. So the host ends them itself.
         """
-        old_control, old_work = list(self._zombie_control), list(self._ctx.in_flight)
+        here = control.server
+        old = [*self._zombie_control, *self._ctx.in_flight.items()]
+        old_control = [pid for pid, server in self._zombie_control if server == here]
+        old_work = [pid for pid, server in self._ctx.in_flight.items() if server == here]
+        self._zombie_control.clear()
+        self._ctx.in_flight.clear()
+        if len(old) > len(old_control) + len(old_work):
+            # After a failover: the old server's backends went with it (or are fenced off with
+            # it), and the same pids here are other sessions' backends.
+            log.info(
+                "host %s: %d backend(s) of its lost session were on another server; not "
+                "ending them here",
+                self.host_id,
+                len(old) - len(old_control) - len(old_work),
+            )
         if not old_control and not old_work:
             return
         try:
             ended = await control.fetchval(
-                "end_zombies", old_control, old_work, self.application_name
+                "end_zombies", old_control, old_work, self.application_name, here
             )
         except Exception as exc:
             log.warning("host %s: ending its old backends failed: %s", self.host_id, exc)
             return
-        self._zombie_control.clear()
-        self._ctx.in_flight.clear()
         if ended:
             log.warning("host %s ended %d backend(s) of its lost session", self.host_id, ended)
 
+    async def _forget_pool_connections(self) -> None:
+        """The control session is gone, and the server may be with it (a failover, a frozen
+        primary): the pool's idle connections would hang the loops of the next session, so
+        they are replaced as they are next acquired."""
+        pool: Any = self._pool.pool if self._pool is not None else None
+        try:
+            if isinstance(self._pool, AsyncpgPool):
+                await pool.expire_connections()
+            elif isinstance(self._pool, PsycopgPool) and self._tg is not None:
+                self._tg.start_soon(self._drain_psycopg_pool, pool)
+        except Exception as exc:
+            log.debug("host %s: could not expire pool connections: %r", self.host_id, exc)
+
+    async def _drain_psycopg_pool(self, pool: Any) -> None:
+        with anyio.move_on_after(RECONNECT_OPEN_TIMEOUT):
+            await pool.drain()
+
     async def _open_control(self, retry_for: float | None) -> Control:
-        conn = await connect(self.control_dsn, timeout=retry_for, **self._connect_kwargs)
+        conn = await connect(
+            self.control_dsn,
+            timeout=retry_for,
+            max_wait=4.0 if retry_for is not None else RECONNECT_MAX_WAIT,
+            **self._connect_kwargs,
+        )
         control = Control(conn, self.schema)
         try:
+            with anyio.fail_after(RECONNECT_OPEN_TIMEOUT):
+                await self._set_up_control(conn, control)
+        except BaseException:
+            control.fail()
+            raise
+        return control
+
+    async def _set_up_control(self, conn: asyncpg.Connection, control: Control) -> None:
+        try:
+            await control.identify()
             await check_dedicated_session(conn, self.control_dsn, **self._connect_kwargs)
             await server_keepalive(conn)
             if self.control_dsn != self.dsn and dict(
@@ -345,7 +403,6 @@ class Host:
         except BaseException:
             control.fail()
             raise
-        return control
 
     async def _heartbeat(self, control: Control) -> None:
         while True:
@@ -620,11 +677,12 @@ class Host:
         if control is None or control.is_closed():
             return
         try:
-            if self._ctx.in_flight:
+            here = [p for p, server in self._ctx.in_flight.items() if server == control.server]
+            if here:
                 # Iterations cancelled past the grace period: a backend may still be running
                 # a statement its client gave up on, holding its name's row lock.
                 await control.fetchval(
-                    "end_zombies", [], list(self._ctx.in_flight), self.application_name
+                    "end_zombies", [], here, self.application_name, control.server
                 )
             await control.release_all(self.host_id, released)
         except Exception as exc:
@@ -632,6 +690,13 @@ class Host:
         finally:
             await control.conn.close(timeout=2.0)
 
+
+RECONNECT_MAX_WAIT = 0.5
+"""The longest pause between reconnect attempts (plus up to 0.25 s of jitter): a failover's new
+primary is up within seconds, and each attempt is cheap (refused, or one host's timeout)."""
+
+RECONNECT_OPEN_TIMEOUT = 10.0
+"""Setting up a new control session (a few quick statements) takes longer only on a bad server."""
 
 CLAIM_BATCH = 50
 """Names claimed per statement: a burst of pings costs one round trip and one commit per this

@@ -36,10 +36,11 @@ import asyncpg
 import psycopg
 
 from . import decide
-from .connect import TRANSIENT
+from .connect import TRANSIENT, server_id
 from .decide import Decision, RunAgain, Sleep
 from .drivers.asyncpg import AsyncpgLoopDriver
 from .drivers.base import LoopDriver, Row, Session
+from .drivers.iteration import CLEANUP_TIMEOUT
 from .errors import Superseded, TransactionAborted
 from .models import Config, Debounce, Idle, Work
 from .registry import Registered, lookup
@@ -82,6 +83,17 @@ def storable(text: str) -> str:
     except UnicodeEncodeError:
         text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text
+
+
+def abandon(conn: Any) -> None:
+    """Close a connection at once, without a word to a server that does not answer."""
+    try:
+        if hasattr(conn, "terminate"):  # asyncpg (a pool proxy forwards it)
+            conn.terminate()
+        elif getattr(conn, "pgconn", None) is not None:  # psycopg
+            conn.pgconn.finish()
+    except Exception as exc:
+        log.debug("abandoning a connection failed: %r", exc)
 
 
 class CallableMissing(Exception):
@@ -141,9 +153,11 @@ class LoopContext:
     application_name: str | None = None
     """The host's, on every connection it opens: lets a loop end the server side of a
     connection it lost mid-statement, and only that (None: never try)."""
-    in_flight: set[int] = field(default_factory=set)
-    """Server pids of connections inside an iteration: if the host loses its session, these
-    may be zombies still holding row locks, and it ends them before claiming again."""
+    in_flight: dict[int, str | None] = field(default_factory=dict)
+    """Server pids of connections inside an iteration, each with the server it is on
+    (:func:`batchloop.connect.server_id`): if the host loses its session, these may be zombies
+    still holding row locks, and it ends them before claiming again (on that server only: after
+    a failover the same pid on the new primary is some other backend)."""
 
 
 @dataclass(slots=True)
@@ -174,6 +188,9 @@ class NameLoop:
     worked_at: float = 0.0
     """``anyio.current_time()`` of the last batch or wake, for the cooldown: set from the
     database's ``since_work`` at the claim and at every re-arm, then by our own batches."""
+    _lost: bool = False
+    """The last iteration's connection broke: its failure is a connection loss, whatever
+    exception the driver raised for it."""
     _held: tuple[AbstractAsyncContextManager[Any], Any] | None = None
     """A pool connection kept between iterations that follow each other without a pause,
     which spares a pool round trip (asyncpg resets connections on release) per batch."""
@@ -287,29 +304,33 @@ class NameLoop:
             lease = self.ctx.pool.acquire()
             self._held = (lease, await lease.__aenter__())
         conn = self._held[1]
-        pid = self.ctx.driver.pid(conn)
-        self.ctx.in_flight.add(pid)
+        pid, server = self.ctx.driver.pid(conn), server_id(conn)
+        self.ctx.in_flight[pid] = server
         try:
             decision = await self._transaction(conn)
         except anyio.get_cancelled_exc_class():
             raise  # the pid stays listed: its backend may live on, locks and all
         except BaseException:
-            self.ctx.in_flight.discard(pid)
+            self.ctx.in_flight.pop(pid, None)
             with anyio.CancelScope(shield=True):
                 broken = self.ctx.driver.broken(conn)
+                if broken:
+                    # asyncpg may report a connection the server dropped under it as an
+                    # internal state error: it is a lost connection all the same.
+                    self._lost = True
                 await self._put_back()  # the pool checks it, and replaces it if broken
                 if broken:
-                    await self._end_backend(pid)
+                    await self._end_backend(pid, server)
             raise
-        self.ctx.in_flight.discard(pid)
+        self.ctx.in_flight.pop(pid, None)
         return decision
 
-    async def _end_backend(self, pid: int) -> None:
+    async def _end_backend(self, pid: int, server: str | None) -> None:
         """The client side of an iteration's connection closed mid-statement (psycopg closes
         it when a cancellation, such as ``iteration_timeout``, interrupts its own cancel
         request): its backend may still be running the statement, holding the name's row
         lock, so that no retry or claim could proceed until it finished. End it."""
-        if self.ctx.application_name is None:
+        if self.ctx.application_name is None or server is None:
             return
         ended = None
         try:
@@ -317,7 +338,7 @@ class NameLoop:
             with anyio.move_on_after(END_BACKEND_TIMEOUT):
                 async with self.ctx.pool.acquire() as conn:
                     ended = await self.ctx.driver.session(conn, self.ctx.schema).fetchval(
-                        "end_zombies", [], [pid], self.ctx.application_name
+                        "end_zombies", [], [pid], self.ctx.application_name, server
                     )
         except Exception as exc:
             log.warning("loop %r: could not end backend %d: %s", self.name, pid, exc)
@@ -336,12 +357,16 @@ class NameLoop:
             )
         except Exception:
             pid = None
-        await held[0].__aexit__(None, None, None)
+        with anyio.move_on_after(CLEANUP_TIMEOUT, shield=True) as scope:
+            await held[0].__aexit__(None, None, None)
+        if scope.cancelled_caught:
+            abandon(held[1])  # the server does not answer: do not wait for it any longer
+            return
         # A live connection came back reset (whatever a cancelled iteration left open is rolled
         # back): its backend is no zombie now, and may serve someone else's transaction next. A
         # broken one stays listed: its backend may live on.
         if pid is not None:
-            self.ctx.in_flight.discard(pid)
+            self.ctx.in_flight.pop(pid, None)
 
     async def _transaction(self, conn: Any) -> Decision:
         # READ COMMITTED whatever the server default: the go-idle re-read needs a fresh snapshot.
@@ -371,9 +396,11 @@ class NameLoop:
             debounce = decision.delay if isinstance(decision, RunAgain) and processed else 0.0
             await it.commit(unbook=not processed and not went, debounce=debounce)
         except BaseException:
-            with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(CLEANUP_TIMEOUT, shield=True) as scope:
                 if not self.ctx.driver.broken(conn):
                     await it.rollback()  # a no-op once the transaction is over
+            if scope.cancelled_caught:
+                abandon(conn)  # a frozen server: the pool replaces the connection
             raise
         if processed:
             self.failures = 0
@@ -461,7 +488,7 @@ class NameLoop:
         decision = decide.after_failure(
             self.failures, self.bound.config.monitor_lag, random.random()
         )
-        lost = connection_lost(exc)
+        lost, self._lost = connection_lost(exc) or self._lost, False
         log.log(
             logging.WARNING if lost else logging.ERROR,
             "loop %r failed (%d in a row%s), retrying in %.2fs%s",

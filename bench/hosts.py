@@ -527,6 +527,12 @@ END $f$
 """Installed in bench databases that have pg_walinspect (see WalMeter)."""
 
 
+def lsn_int(lsn: str) -> int:
+    """A ``pg_lsn`` in its text form (``16/B374D848``) as a byte position."""
+    high, _, low = lsn.partition("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
 class WalMeter:
     """WAL attributable to one database, read back with ``pg_walinspect`` (the shared server's
     other databases write WAL too, so the raw LSN advance is only an upper bound).
@@ -587,29 +593,30 @@ class WalMeter:
         last complete record read ended (a flush position can fall inside a record, which then
         counts in the next chunk). ``final``: retry until the last records are readable."""
         assert self.lsn is not None and self._lsn0 is not None
+        row = None
         for attempt in range(100 if final else 1):
             end = await self.conn.fetchval("SELECT pg_current_wal_flush_lsn()::text")
-            self.cluster_bytes = int(
-                await self.conn.fetchval(
-                    "SELECT $2::text::pg_lsn - $1::text::pg_lsn", self._lsn0, end
-                )
-            )
-            if not self.exact or end == self.lsn:
-                self.lsn = end if not self.exact else self.lsn
+            # The flush position can lag the insert position start() read (a busy server's
+            # WAL writer has not caught up yet): nothing of ours is readable then, and asking
+            # pg_walinspect for a backwards range is an error that would drop the slot.
+            self.cluster_bytes = max(0, lsn_int(end) - lsn_int(self._lsn0))
+            if not self.exact:
+                self.lsn = end
                 return
-            row = await self.conn.fetchrow(
-                "SELECT * FROM bench_wal_chunk($1, $2, $3, $4)",
-                self.lsn,
-                end,
-                self._oid,
-                list(self._xids),
-            )
-            if row is not None and row["o_last_end"] is not None:
-                break
+            if lsn_int(end) > lsn_int(self.lsn):
+                row = await self.conn.fetchrow(
+                    "SELECT * FROM bench_wal_chunk($1, $2, $3, $4)",
+                    self.lsn,
+                    end,
+                    self._oid,
+                    list(self._xids),
+                )
+                if row is not None and row["o_last_end"] is not None:
+                    break
+            elif lsn_int(end) == lsn_int(self.lsn):
+                return  # flushed exactly up to where we are: nothing new
             if attempt < 99 and final:
                 await asyncio.sleep(0.02)
-        else:
-            return
         if row is None or row["o_last_end"] is None:
             return
         self.bytes += int(row["o_bytes"])

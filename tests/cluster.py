@@ -21,6 +21,7 @@ Use it by importing the fixture into a test module::
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -116,6 +117,7 @@ class Cluster:
         self.logfile = root / "server.log"
         self.port = free_port()
         self.running = False
+        self.frozen = False
 
     @property
     def dsn(self) -> str:
@@ -190,11 +192,65 @@ class Cluster:
         )  # fmt: skip
         self.running = True
 
+    def pids(self) -> list[int]:
+        """The postmaster and every process it forked (backends, walsender, checkpointer...)."""
+        try:
+            postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return []
+        found = [postmaster]
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == postmaster:
+                found.append(int(entry.name))
+        return found
+
+    def freeze(self) -> None:
+        """SIGSTOP the whole server, as a frozen machine: the kernel still accepts connections
+        and ACKs packets, nothing ever answers. The postmaster first, so it forks no more."""
+        import signal
+
+        pids = self.pids()
+        if pids:
+            os.kill(pids[0], signal.SIGSTOP)
+        for pid in self.pids()[1:]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        self.frozen = True
+
+    def thaw(self) -> None:
+        import signal
+
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        self.frozen = False
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster and its children: a crashed machine (connections refused)."""
+        import signal
+
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.running = False
+
+    def promote(self) -> None:
+        """Make a standby the primary (``pg_ctl promote`` waits until it accepts writes)."""
+        self._run("pg_ctl", "promote", "-w", "-t", "60", "-D", str(self.data))
+
     def execute(self, statement: str) -> None:
         with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
             conn.execute(statement)  # type: ignore[arg-type]
 
     def destroy(self) -> None:
+        if self.frozen:
+            self.thaw()
         try:
             if (self.data / "postmaster.pid").exists():
                 self._run("pg_ctl", "stop", "-w", "-t", "30", "-m", "immediate",
@@ -231,6 +287,42 @@ def make_cluster(settings: dict[str, str] | None = None) -> Cluster:
     return cluster
 
 
+def make_standby(primary: Cluster, *, synchronous: bool = True) -> Cluster:
+    """A streaming-replication standby of ``primary`` (``pg_basebackup -R``), started; with
+    ``synchronous``, the primary's commits wait for it (``synchronous_standby_names``), so a
+    commit a client saw succeed is on the standby too. The caller must ``destroy()`` it."""
+    root = Path(tempfile.mkdtemp(prefix="batchloop-standby-"))
+    if primary.user is not None:
+        os.chown(root, primary.user.pw_uid, primary.user.pw_gid)
+    standby = Cluster(root, primary.bindir, primary.user)
+    try:
+        standby._run(
+            "pg_basebackup", "-D", str(standby.data), "-h", "127.0.0.1",
+            "-p", str(primary.port), "-U", PG_USER, "-X", "stream", "-R", "-c", "fast",
+        )  # fmt: skip
+        with open(standby.data / "postgresql.conf", "a") as f:
+            f.write(f"\nport = {standby.port}\nunix_socket_directories = '{root}'\n")
+            f.write("cluster_name = 'standby'\n")
+        standby.start()
+        if synchronous:
+            primary.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+            primary.execute("SELECT pg_reload_conf()")
+            with psycopg.connect(primary.dsn, autocommit=True, connect_timeout=5) as conn:
+                for _ in range(600):
+                    row = conn.execute(
+                        "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'"
+                    ).fetchone()
+                    if row and row[0]:
+                        break
+                    conn.execute("SELECT pg_sleep(0.05)")
+                else:
+                    raise RuntimeError("the standby never became synchronous")
+    except BaseException:
+        standby.destroy()
+        raise
+    return standby
+
+
 @pytest.fixture(name="pg_cluster")
 def pg_cluster_fixture() -> Iterator[Cluster]:
     """A started throwaway cluster for this test only (``track_commit_timestamp`` on)."""
@@ -241,4 +333,11 @@ def pg_cluster_fixture() -> Iterator[Cluster]:
         cluster.destroy()
 
 
-__all__ = ["Cluster", "find_bindir", "free_port", "make_cluster", "pg_cluster_fixture"]
+__all__ = [
+    "Cluster",
+    "find_bindir",
+    "free_port",
+    "make_cluster",
+    "make_standby",
+    "pg_cluster_fixture",
+]

@@ -11,6 +11,7 @@ loop. The drivers supply the I/O: :class:`SimpleIteration` is everything else.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import weakref
 from abc import ABC, abstractmethod
@@ -22,6 +23,10 @@ import anyio
 from .. import sql
 from ..errors import TransactionAborted
 from .base import Session
+
+CLEANUP_TIMEOUT = 2.0
+"""How long a cleanup step (a rollback) may wait on the server: a frozen one never answers.
+Short, because giving up is safe: the connection is then closed, which rolls back too."""
 
 DUPLICATE_PREPARED = "42P05"
 UNKNOWN_PREPARED = "26000"
@@ -180,8 +185,11 @@ class SimpleIteration(ABC):
                 await self._abort()
                 tag = await self._send(_begin_text(*key, False) or "")
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self._abort()
+            with anyio.move_on_after(CLEANUP_TIMEOUT, shield=True):
+                # The connection went (asyncpg may even have released it to the pool, which
+                # makes any call on it fail): the original error says why.
+                with contextlib.suppress(Exception):
+                    await self._abort()
             raise
         self._simple = True
         self._began()

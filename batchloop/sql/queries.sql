@@ -112,11 +112,13 @@ SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))
 
 -- name: end_zombies
 -- After a lost session: end this host's old control backend ($1, it may still hold session
--- locks behind a half-open socket) and old iteration backends still inside a transaction ($2).
+-- locks behind a half-open socket) and old iteration backends still inside a transaction ($2),
+-- all recorded on server $4 (connect.SERVER_ID): only if this is still that server.
 SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))
   FROM pg_stat_activity
  WHERE application_name = $3 AND pid <> pg_backend_pid()
    AND (pid = ANY($1::int[]) OR (pid = ANY($2::int[]) AND state <> 'idle'))
+   AND $4::text = extract(epoch FROM pg_postmaster_start_time())::text
 
 -- name: backend_roles
 -- Who we are, and which roles a frozen host's backends run as (for a clear error).
