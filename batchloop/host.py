@@ -32,9 +32,9 @@ from .connect import (
     server_keepalive,
 )
 from .control import Control
+from .drivers import _psycopg
 from .drivers.asyncpg import AsyncpgLoopDriver
-from .drivers.base import Session
-from .drivers.psycopg import PsycopgLoopDriver, PsycopgPool
+from .drivers.base import LoopDriver, Session
 from .errors import BatchloopError
 from .loop import Bound, CallableMissing, LoopContext, NameLoop
 from .migrations import check_version
@@ -89,6 +89,8 @@ class Host:
     ) -> None:
         if driver not in ("asyncpg", "psycopg"):
             raise ValueError(f"driver must be 'asyncpg' or 'psycopg', got {driver!r}")
+        if driver == "psycopg":
+            _psycopg.require('Host(driver="psycopg")', pool=True)
         self.driver = driver
         self.dsn = dsn
         self.control_dsn = control_dsn if control_dsn is not None else dsn
@@ -149,7 +151,7 @@ class Host:
         ``Pool``, or with ``driver="psycopg"`` a ``psycopg_pool.AsyncConnectionPool``."""
         if self._pool is None:
             raise BatchloopError("the Host is not running: use `async with Host(...) as host`")
-        return self._pool.pool if isinstance(self._pool, PsycopgPool) else self._pool
+        return self._pool.pool if self.driver == "psycopg" else self._pool
 
     def owned(self) -> set[str]:
         """Names whose loops this host runs right now."""
@@ -158,7 +160,11 @@ class Host:
     async def __aenter__(self) -> Host:
         import_modules(self.modules)
         self._pool = await self._create_pool()
-        driver = PsycopgLoopDriver() if self.driver == "psycopg" else AsyncpgLoopDriver()
+        driver: LoopDriver = AsyncpgLoopDriver()
+        if self.driver == "psycopg":
+            from .drivers.psycopg import PsycopgLoopDriver
+
+            driver = PsycopgLoopDriver()
         self._ctx = LoopContext(
             self._pool,
             self.schema,
