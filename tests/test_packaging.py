@@ -166,9 +166,12 @@ def test_the_psycopg_extra_brings_a_working_psycopg(
     venv, env = bare_venv
     pip = _run(venv, env, "python", "-m", "pip", "install", "-q", "-e", f"{ROOT}[embedded,psycopg]")
     assert pip.returncode == 0, pip.stderr
-    done = _run(venv, env, "batchloop", "--dsn", migrated_dsn, "status", "--json")
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    try:
+        done = _run(venv, env, "batchloop", "--dsn", migrated_dsn, "status", "--json")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "[]"
+    finally:  # the venv is shared: the other tests need it without a working psycopg
+        _run(venv, env, "python", "-m", "pip", "uninstall", "-q", "-y", "psycopg-binary")
 
 
 def test_psycopg_features_fail_clearly_when_psycopg_cannot_load(
