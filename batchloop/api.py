@@ -6,8 +6,8 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from .drivers import session_for
-from .drivers.base import Session
-from .migrations import code_version
+from .drivers.base import Row, Session
+from .migrations import code_version, refuse_newer
 from .models import Config, WorkerStatus
 from .registry import resolve_callable
 from .schema_name import DEFAULT_SCHEMA, check_name, check_schema
@@ -26,8 +26,21 @@ def ping_args(
         raise TypeError(f"config must be a batchloop.Config, got {type(config).__name__}")
     query_ref = resolve_callable(work_query, "work_query")
     worker_ref = resolve_callable(worker, "worker")
-    config_json = config.model_dump_json() if config is not None else None
+    # Validated again: model_construct() (or a mutated copy) skips validation, and what is
+    # stored must parse back, or status and the loop would refuse the row later.
+    config_json = None
+    if config is not None:
+        valid = Config.model_validate(config.model_dump(warnings=False))
+        config_json = valid.model_dump_json()
     return (name, query_ref, worker_ref, config_json, _DEFAULT_CONFIG, code_version())
+
+
+def checked(row: Row | None, schema: str) -> Any:
+    """The result of a ping, stop or start query, which skips its call and returns the newest
+    recorded migration when that is newer than this code (see queries.sql): then raise."""
+    assert row is not None  # one row always
+    refuse_newer(row["newest"], schema)
+    return row["result"]
 
 
 async def ping(
@@ -48,7 +61,7 @@ async def ping(
     args = ping_args(name, work_query, worker, config)
     check_schema(schema)
     async with session_for(conn, schema) as s:
-        result: PingResult = await s.fetchval("ping", *args)
+        result: PingResult = checked(await s.fetchrow("ping", *args), schema)
     return result
 
 
@@ -60,7 +73,7 @@ async def stop(conn: Any, name: str, *, schema: str = DEFAULT_SCHEMA) -> bool:
     """
     check_name(name)
     async with session_for(conn, check_schema(schema)) as s:
-        return bool(await s.fetchval("stop", name, code_version()) != "missing")
+        return bool(checked(await s.fetchrow("stop", name, code_version()), schema) != "missing")
 
 
 async def start(conn: Any, name: str, *, schema: str = DEFAULT_SCHEMA) -> bool:
@@ -70,7 +83,7 @@ async def start(conn: Any, name: str, *, schema: str = DEFAULT_SCHEMA) -> bool:
     """
     check_name(name)
     async with session_for(conn, check_schema(schema)) as s:
-        return bool(await s.fetchval("start", name, code_version()) != "missing")
+        return bool(checked(await s.fetchrow("start", name, code_version()), schema) != "missing")
 
 
 async def status(conn: Any, name: str, *, schema: str = DEFAULT_SCHEMA) -> WorkerStatus | None:
@@ -90,4 +103,4 @@ async def list_workers(conn: Any, *, schema: str = DEFAULT_SCHEMA) -> list[Worke
 
 
 async def _check_version(s: Session) -> None:
-    await s.fetchval("check_version", code_version())
+    refuse_newer(await s.fetchval("check_version", code_version()), s.schema)

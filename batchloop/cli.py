@@ -23,6 +23,7 @@ from pydantic import TypeAdapter
 
 from . import sync
 from ._version import __version__
+from .display import printable
 from .drivers import _psycopg
 from .errors import BatchloopError
 from .migrations import Query, Script, code_version, plan
@@ -111,13 +112,16 @@ def format_status_table(statuses: Sequence[WorkerStatus]) -> str:
     rows = [header]
     for s in statuses:
         owner = f"{s.owner.hostname}:{s.owner.pid}" if s.owner is not None else "-"
-        error = _clip(" ".join(s.last_error.split()), 40) if s.last_error else "-"
+        error = s.last_error
+        if s.config_error is not None:  # the loop cannot run until this is repaired
+            error = f"config invalid: {s.config_error}"
+        error = _clip(printable(" ".join(error.split())), 40) if error else "-"
         rows.append(
             (
-                _clip(s.name, 40),
+                _clip(printable(s.name), 40),
                 s.state,
                 str(s.generation),
-                _clip(owner, 30),
+                _clip(printable(owner), 30),
                 str(s.batches),
                 str(s.consecutive_failures),
                 error,

@@ -8,6 +8,7 @@ next tick (or a host), with its failure recorded in ``status``.
 
 from __future__ import annotations
 
+import numbers
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -15,12 +16,15 @@ from typing import Any
 
 import anyio
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from .connect import check_dedicated_session, connect
 from .control import Control
+from .drivers import _psycopg
 from .drivers.asyncpg import AsyncpgSession
+from .errors import BatchloopError
 from .loop import Bound, LoopContext, NameLoop
-from .migrations import code_version
+from .migrations import code_version, refuse_newer
 from .models import TickFailure, TickReport
 from .registry import lookup, refs
 from .schema_name import DEFAULT_SCHEMA, check_name, check_schema
@@ -51,9 +55,13 @@ async def tick(
     (import their modules first). Returns which names were checked, drained, busy or failed.
     """
     check_schema(schema)
-    wanted = None if names is None else {check_name(n) for n in names}
+    wanted = None if names is None else {check_name(n) for n in _names(names)}
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        raise TypeError(f"budget must be a number of seconds, got {type(budget).__name__}")
     if not budget > 0:
         raise ValueError(f"budget must be > 0 seconds, got {budget!r}")
+    if dsn_or_conn is not None and not isinstance(dsn_or_conn, str):
+        _check_connection(dsn_or_conn)
     if dsn_or_conn is None or isinstance(dsn_or_conn, str):
         conn = await connect(dsn_or_conn, timeout=10.0)
         try:
@@ -62,6 +70,37 @@ async def tick(
         finally:
             await conn.close()
     return await _tick(dsn_or_conn, wanted, budget, schema)
+
+
+def _names(names: object) -> Iterable[object]:
+    # A str is an iterable of names too: "events" would drain "e", "v", "n", ...
+    if isinstance(names, str | bytes) or not isinstance(names, Iterable):
+        raise TypeError(
+            f"names must be a list of worker names (e.g. [{names!r}]) or None for every due "
+            f"name, got {type(names).__name__}"
+        )
+    return names
+
+
+def _check_connection(conn: object) -> None:
+    """Only an asyncpg connection outside a transaction: the loop sends its own BEGIN and
+    COMMIT on it, which would commit (or roll back) the caller's open transaction."""
+    if not isinstance(conn, asyncpg.Connection | PoolConnectionProxy):
+        hint = ""
+        if isinstance(conn, asyncpg.Pool):
+            hint = " (acquire a connection from the pool, or pass the DSN)"
+        elif _psycopg.is_connection(conn):
+            hint = " (psycopg connections are not supported here: pass the DSN)"
+        raise TypeError(
+            "tick() takes a DSN string, None (the PG* environment) or an asyncpg Connection, "
+            f"got {type(conn).__name__}{hint}"
+        )
+    if conn.is_in_transaction():
+        raise BatchloopError(
+            "tick() needs a connection outside any transaction: it runs and commits "
+            "transactions of its own on it, which would commit yours; call it after your "
+            "transaction ends, or pass a DSN so it opens a connection of its own"
+        )
 
 
 async def _tick(conn: Any, wanted: set[str] | None, budget: float, schema: str) -> TickReport:
@@ -76,7 +115,7 @@ async def _tick(conn: Any, wanted: set[str] | None, budget: float, schema: str) 
 async def _drain(control: Control, wanted: set[str] | None, deadline: float) -> TickReport:
     conn, schema = control.conn, control.schema
     report = TickReport()
-    await control.fetchval("check_version", code_version())
+    refuse_newer(await control.fetchval("check_version", code_version()), schema)
     tick_id = "tick-" + uuid.uuid4().hex[:11]
     rows = await control.fetch("orphans", 100_000, refs("work_query"), refs("worker"))
     due = [

@@ -35,9 +35,9 @@ from .control import Control
 from .drivers import _psycopg
 from .drivers.asyncpg import AsyncpgLoopDriver
 from .drivers.base import LoopDriver, Session
-from .errors import BatchloopError
+from .errors import BatchloopError, SchemaTooNewError
 from .loop import Bound, CallableMissing, LoopContext, NameLoop
-from .migrations import check_version
+from .migrations import check_version, code_version, refuse_newer
 from .registry import import_modules, lookup, refs
 from .schema_name import DEFAULT_SCHEMA, check_schema
 
@@ -96,7 +96,7 @@ class Host:
         self.control_dsn = control_dsn if control_dsn is not None else dsn
         self._pooled = control_dsn is not None
         """The pool goes through a transaction pooler: no prepared statements of ours."""
-        self.modules = tuple(modules)
+        self.modules = _module_names(modules)
         self.schema = check_schema(schema)
         if not 0 < monitor_interval <= 60 or not 0 < heartbeat_interval <= 60:
             raise ValueError("monitor_interval and heartbeat_interval must be in (0, 60] seconds")
@@ -273,6 +273,8 @@ class Host:
         while True:
             try:
                 control = await self._open_control(self.startup_timeout if first else None)
+            except SchemaTooNewError:
+                raise  # for good: retrying cannot help, and this code must not run on it
             except Exception:
                 if first:
                     raise
@@ -342,6 +344,8 @@ class Host:
                     f"control_dsn ({redact(self.control_dsn)}) and dsn ({redact(self.dsn)}) "
                     "lead to different databases"
                 )
+            # Every session, not just the first: a newer release may have migrated meanwhile.
+            refuse_newer(await control.fetchval("check_version", code_version()), self.schema)
             await control.fetchval("register_host", self.host_id, self.hostname, self.pid)
             await control.listen(self._on_notify)
         except BaseException:
@@ -643,6 +647,23 @@ its subtransactions (one per name claimed) stay within PostgreSQL's per-backend 
 
 def _some(names: list[str]) -> str:
     return repr(names[0]) if len(names) == 1 else f"{len(names)} names"
+
+
+def _module_names(modules: object) -> tuple[str, ...]:
+    # A str is an iterable too: "pkg.mod" would be imported letter by letter.
+    if isinstance(modules, str | bytes) or not isinstance(modules, Iterable):
+        raise TypeError(
+            f"modules must be a list of module names, e.g. modules=[{modules!r}], "
+            f"got {type(modules).__name__}"
+        )
+    names = tuple(modules)
+    for module in names:
+        if not isinstance(module, str):
+            raise TypeError(
+                f"modules must hold module names (str), e.g. 'myapp.jobs', got "
+                f"{type(module).__name__} {module!r}"
+            )
+    return names
 
 
 async def _schema_version(s: Session) -> int | None:

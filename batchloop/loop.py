@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import random
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sized
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -69,6 +69,19 @@ END_BACKEND_TIMEOUT = 5.0
 """How long a loop tries to end the backend of a connection it lost mid-statement."""
 
 
+def storable(text: str) -> str:
+    """``text`` as PostgreSQL ``text`` accepts it, visibly escaped where it would not: a NUL,
+    or a lone surrogate (no UTF-8 form). Either would make the server (or the driver) refuse
+    the whole statement, and the failure would go unrecorded."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 class CallableMissing(Exception):
     """A row names a callable this process did not register."""
 
@@ -92,6 +105,11 @@ class Bound:
         config = row["config"]
         parsed = _config(config) if isinstance(config, str) else parse_config(config)
         return cls(row["revision"], query, worker, parsed)
+
+
+def _empty(batch: object) -> bool:
+    """A batch with nothing in it: a sized value of length 0 (anything unsized is not)."""
+    return isinstance(batch, Sized) and len(batch) == 0
 
 
 @lru_cache(maxsize=1024)
@@ -148,6 +166,8 @@ class NameLoop:
     """Why run() returned: idle, waiting, superseded, failed, stopped, unrunnable, budget,
     cancelled."""
     batches: int = 0
+    warned_empty: bool = False
+    """Whether this loop has logged that its work query returned an empty batch."""
     last_error: str | None = None
     worked_at: float = 0.0
     """``anyio.current_time()`` of the last batch or wake, for the cooldown: set from the
@@ -396,11 +416,22 @@ class NameLoop:
         return final, False
 
     async def _query(self, conn: Any) -> Work[Any] | Idle:
-        result = await self.bound.query.func(conn, self.name)
+        result: object = await self.bound.query.func(conn, self.name)
         if not isinstance(result, Work | Idle):
             raise TypeError(
                 f"work query {self.bound.query.ref} returned {type(result).__name__}; "
                 "return batchloop.Work(batch) or batchloop.Idle()"
+            )
+        if not self.warned_empty and isinstance(result, Work) and _empty(result.batch):
+            # An empty batch is still work: the loop runs again at once, with no cooldown or
+            # idle, and spins. Once per loop, so a spinning loop does not flood the log too.
+            self.warned_empty = True
+            log.warning(
+                "loop %r: work query %s returned an empty batch (Work(%r)); the loop runs again "
+                "at once and spins: return batchloop.Idle() when there is nothing to do",
+                self.name,
+                self.bound.query.ref,
+                result.batch,
             )
         return result
 
@@ -439,7 +470,7 @@ class NameLoop:
             f": {exc}" if lost else "",
             exc_info=None if lost else exc,
         )
-        message = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        message = storable("".join(traceback.format_exception_only(type(exc), exc)).strip())
         self.last_error = message
         try:
             async with self.ctx.pool.acquire() as conn:

@@ -1,24 +1,24 @@
 """Schema migrations: ordered plain SQL files under ``migrations/``, each applied once.
 
-The runner is written once as a generator of steps (sans-IO) and driven by an async or a sync
-session, so asyncpg, psycopg and the CLI share one implementation. Concurrent migrators are
-serialised by a transaction-level advisory lock; everything happens in one transaction.
+The runner is written once as a generator of steps (sans-IO), and one driver,
+:func:`run_plan`, feeds it from an async session or (through :func:`run_blocking`) a sync one,
+so asyncpg, psycopg, ``batchloop.sync`` and the CLI share every decision. Concurrent migrators
+are serialised by a transaction-level advisory lock; everything happens in one transaction.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Generator, Sequence
+from collections.abc import Coroutine, Generator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from .drivers import session_for
-from .drivers.asyncpg import AsyncpgSession
-from .drivers.base import Row, Session
+from .drivers.base import Row
 from .errors import SchemaMissingError, SchemaTooNewError
 from .schema_name import DEFAULT_SCHEMA, check_schema, quote_schema
 
@@ -63,7 +63,10 @@ class Script:
 
 @dataclass(frozen=True, slots=True)
 class Query:
+    """A named query (batchloop/sql/queries.sql); the reply is its rows."""
+
     name: str
+    args: tuple[Any, ...] = ()
 
 
 Step = Script | Query
@@ -75,8 +78,19 @@ def _lock_key(schema: str) -> int:
 
 
 def plan(schema: str) -> Generator[Step, Sequence[Row] | None, list[int]]:
-    """The migration, as steps; runs inside one transaction that the driver opens."""
+    """The migration, as steps; runs inside one transaction that the caller of run_plan opens.
+
+    When every migration is applied it only reads, so a role that may not create anything (an
+    application role, after the owner migrated) can run it, and a too-new schema is refused
+    before any statement that such a role could not run.
+    """
     q = quote_schema(schema)
+    readable = yield Query("migrations_readable", (schema,))
+    if readable and next(iter(readable[0].values())):
+        applied = _versions((yield Query("applied_migrations")))
+        refuse_newer(max(applied, default=None), schema)
+        if all(m.version in applied for m in migrations()):
+            return []
     yield Script(
         f"SELECT pg_advisory_xact_lock({_lock_key(schema)});\n"
         f"CREATE SCHEMA IF NOT EXISTS {q};\n"
@@ -84,14 +98,11 @@ def plan(schema: str) -> Generator[Step, Sequence[Row] | None, list[int]]:
         "    version integer PRIMARY KEY, name text NOT NULL,\n"
         "    applied_at timestamptz NOT NULL DEFAULT now());"
     )
-    rows = yield Query("applied_migrations")
-    applied = {int(r["version"]) for r in rows or ()}
+    # Again under the lock: a concurrent migrator may have committed meanwhile (each statement
+    # sees what committed before it, in READ COMMITTED).
+    applied = _versions((yield Query("applied_migrations")))
+    refuse_newer(max(applied, default=None), schema)
     latest = code_version()
-    if applied and max(applied) > latest:
-        raise SchemaTooNewError(
-            f"schema {schema!r} is at version {max(applied)}, newer than this batchloop "
-            f"(version {latest}): upgrade batchloop"
-        )
     done = []
     for m in migrations():
         if m.version in applied:
@@ -109,6 +120,10 @@ def plan(schema: str) -> Generator[Step, Sequence[Row] | None, list[int]]:
     return done
 
 
+def _versions(rows: Sequence[Row] | None) -> set[int]:
+    return {int(r["version"]) for r in rows or ()}
+
+
 def check_version(found: int | None, schema: str) -> None:
     """Refuse a schema that is missing, behind or ahead of this code."""
     latest = code_version()
@@ -118,9 +133,16 @@ def check_version(found: int | None, schema: str) -> None:
             f"the batchloop schema {check_schema(schema)!r} is {where}: run `batchloop migrate` "
             "(or `await batchloop.migrate(dsn)`)"
         )
-    if found > latest:
+    refuse_newer(found, schema)
+
+
+def refuse_newer(recorded: Any, schema: str) -> None:
+    """Raise SchemaTooNewError when ``recorded`` (the newest migration in the database's
+    record, None if none) is newer than this code: a newer release has migrated it."""
+    latest = code_version()
+    if recorded is not None and int(recorded) > latest:
         raise SchemaTooNewError(
-            f"the batchloop schema {schema!r} is at version {found}, newer than this code "
+            f"the batchloop schema {schema!r} is at version {recorded}, newer than this code "
             f"(version {latest}): upgrade batchloop"
         )
 
@@ -140,33 +162,22 @@ async def migrate(dsn_or_conn: Any = None, *, schema: str = DEFAULT_SCHEMA) -> l
             return await migrate(conn, schema=schema)
         finally:
             await conn.close()
-    async with session_for(dsn_or_conn, schema) as s:
-        if await _up_to_date(s, schema):
-            return []
-        raw = s.raw
-        if isinstance(s, AsyncpgSession):
-            async with raw.transaction():
-                return await _drive(plan(schema), s)
-        async with raw.transaction():
-            return await _drive(plan(schema), s)
+    async with session_for(dsn_or_conn, schema) as s, s.raw.transaction():
+        return await run_plan(s, schema)
 
 
-async def _up_to_date(s: Session, schema: str) -> bool:
-    """Every migration applied: then ``migrate`` only reads, so a role that may not create
-    anything (an application role, after the owner migrated) can call it at start-up."""
-    if not await s.fetchval("migrations_readable", schema):
-        return False
-    applied = {int(r["version"]) for r in await s.fetch("applied_migrations")}
-    latest = code_version()
-    if applied and max(applied) > latest:
-        raise SchemaTooNewError(
-            f"schema {schema!r} is at version {max(applied)}, newer than this batchloop "
-            f"(version {latest}): upgrade batchloop"
-        )
-    return all(m.version in applied for m in migrations())
+class MigrationSession(Protocol):
+    """What running the plan needs of a connection (async, or sync behind run_blocking)."""
+
+    async def fetch(self, name: str, *args: Any) -> Sequence[Row]: ...
+
+    async def script(self, sql: str) -> None: ...
 
 
-async def _drive(steps: Generator[Step, Sequence[Row] | None, list[int]], s: Session) -> list[int]:
+async def run_plan(s: MigrationSession, schema: str) -> list[int]:
+    """Run :func:`plan` on ``s``, inside the transaction the caller opened; the only driver of
+    the plan (``migrate``, ``batchloop.sync.migrate`` and ``batchloop migrate`` all use it)."""
+    steps = plan(schema)
     reply: Sequence[Row] | None = None
     try:
         while True:
@@ -175,7 +186,22 @@ async def _drive(steps: Generator[Step, Sequence[Row] | None, list[int]], s: Ses
                 await s.script(step.sql)
                 reply = None
             else:
-                reply = await s.fetch(step.name)
+                reply = await s.fetch(step.name, *step.args)
     except StopIteration as done:
         result: list[int] = done.value
         return result
+
+
+T = TypeVar("T")
+
+
+def run_blocking(coro: Coroutine[Any, Any, T]) -> T:
+    """The result of a coroutine that never suspends (its awaits are blocking calls), without
+    an event loop, so sync code can share an async implementation."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        result: T = done.value
+        return result
+    coro.close()
+    raise RuntimeError("a blocking coroutine suspended")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Generic, Literal, TypeVar
@@ -11,6 +13,23 @@ from pydantic import BaseModel, ConfigDict, Field
 T = TypeVar("T")
 
 State = Literal["idle", "waiting", "running", "stopped"]
+
+MAX_SECONDS = 1e9
+"""The longest delay a work query or worker may ask for (about 31 years). PostgreSQL intervals
+end not far beyond (about 292,000 years in microseconds); a bound here turns a mistake into a
+clear error at once rather than an ``interval out of range`` on every iteration."""
+
+
+def _check_seconds(what: str, value: object, expected: str) -> None:
+    """``value`` is a finite number of seconds in [0, MAX_SECONDS]; refused here, where the
+    user's code made it, rather than later in the loop as an SQL error on every iteration."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be {expected}, got {type(value).__name__} {value!r}")
+    seconds = float(value)
+    if not math.isfinite(seconds):  # also keeps inf and nan out of SQL
+        raise ValueError(f"{what} must be a finite number of seconds, got {value!r}")
+    if not 0 <= seconds <= MAX_SECONDS:
+        raise ValueError(f"{what} must be {expected} and at most {MAX_SECONDS:.0e}, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,10 +53,10 @@ class Idle:
     poll_interval: float = 0.2
 
     def __post_init__(self) -> None:
-        if self.timeout is not None and not self.timeout >= 0:
-            raise ValueError(f"Idle.timeout must be >= 0 or None, got {self.timeout!r}")
-        if not self.cooldown >= 0:
-            raise ValueError(f"Idle.cooldown must be >= 0, got {self.cooldown!r}")
+        if self.timeout is not None:
+            _check_seconds("Idle.timeout", self.timeout, "None or a number of seconds >= 0")
+        _check_seconds("Idle.cooldown", self.cooldown, "a number of seconds >= 0")
+        _check_seconds("Idle.poll_interval", self.poll_interval, "a number of seconds > 0")
         if not self.poll_interval > 0:
             raise ValueError(f"Idle.poll_interval must be > 0, got {self.poll_interval!r}")
 
@@ -49,8 +68,7 @@ class Debounce:
     seconds: float
 
     def __post_init__(self) -> None:
-        if not self.seconds >= 0:
-            raise ValueError(f"Debounce.seconds must be >= 0, got {self.seconds!r}")
+        _check_seconds("Debounce.seconds", self.seconds, "a number of seconds >= 0")
 
 
 class Config(BaseModel):
@@ -95,6 +113,9 @@ class WorkerStatus(BaseModel):
     last_error: str | None
     last_error_at: datetime | None = None
     created_at: datetime | None = None
+    config_error: str | None = None
+    """Why the stored config could not be read (then ``config`` shows the default Config):
+    a row edited by hand, say. Its loop cannot run until a ping with a valid config repairs it."""
 
 
 class TickReport(BaseModel):

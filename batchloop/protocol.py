@@ -10,7 +10,8 @@ Tables
 ``idle | waiting | running | stopped``, ``revision`` (bumped when callables or config change),
 and two advisory-lock keys derived from schema and name: ``lock_key`` (ownership) and
 ``wake_key`` (ping vs go-idle). ``worker_state`` (written every batch): ``generation``,
-``owner_host``, ``next_run_at``, ``last_work_at``, counters and the last error. ``hosts``: one row
+``owner_host``, ``next_run_at``, ``last_work_at``, counters, the last error, and ``revision``, a
+copy of ``workers.revision`` kept by a trigger (see "Revisions" below). ``hosts``: one row
 per live host with a heartbeat. Lock order is always ``worker_state`` row, then ``workers`` row.
 
 States
@@ -53,6 +54,31 @@ lock is only the fast path that tells hosts who should run a name; the fence is 
 superseded or zombie loop harmless (for instance one whose control connection was terminated
 while its pool connection lived on). The worker's writes and the bookkeeping (``batches``,
 ``last_work_at``) are in that same transaction.
+
+Revisions
+---------
+A ping that brings new callables or config bumps ``workers.revision`` in the producer's
+transaction, and the work it inserted must be run by them: any batch whose work query can see
+rows committed with a revision change runs under that revision (Convex gets this by reading the
+worker record and running the query in one snapshot). ``book_batch`` therefore tests the
+revision the loop loaded, and on ``worker_state.revision``, not ``workers.revision``. The
+change locks the state row (lock order) and a trigger (``mirror_revision``, fired only when the
+revision changes) writes the new revision there. So either
+
+* the change committed before ``book_batch`` locked the row: ``book_batch`` sees the new
+  revision, in its snapshot or in PostgreSQL's re-check of the row's newest version after
+  waiting for the lock, matches nothing, and the fence reloads the callables; or
+* ``book_batch`` locked the row first: the change waits for the iteration to end, so its rows
+  are not visible to the iteration's work query.
+
+The revision has to be on the row being updated because that re-check (EvalPlanQual) re-reads
+only the target row: a joined ``workers`` row stays as the statement's snapshot saw it, so a
+test of ``workers.revision`` matched the old revision after the wait, while the work query, a
+later statement with a later snapshot, saw the ping's rows (alternating two workers on a busy
+loop sent a few items in a hundred to the old one). For the same reason the fence returns
+``worker_state.revision``; it holds the state row, so no revision can change under it, and the
+``load_worker`` that follows reads callables of exactly that revision. A ping that changes
+nothing still writes and locks nothing.
 
 Who is authoritative
 --------------------

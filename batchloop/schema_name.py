@@ -30,4 +30,13 @@ def channel(schema: str) -> str:
 def check_name(name: object) -> str:
     if not isinstance(name, str) or not 1 <= len(name) <= 200:
         raise ValueError(f"a worker name must be a string of 1 to 200 characters, got {name!r}")
+    # PostgreSQL text holds neither; refused here so that no SQL runs (and nothing is half done).
+    if "\x00" in name:
+        raise ValueError(f"a worker name cannot contain a NUL character (\\x00), got {name!r}")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"a worker name must be valid Unicode (no lone surrogates), got {name!r}"
+        ) from None
     return name

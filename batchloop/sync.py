@@ -20,14 +20,14 @@ async, decorated functions a host runs; ``ping`` only records their names.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .api import PingResult, ping_args
+from .api import PingResult, checked, ping_args
 from .connect import ConnectError, redact
 from .drivers._psycopg import require
 from .drivers.base import Row
-from .migrations import Query, Script, Step, code_version, plan
+from .migrations import code_version, refuse_newer, run_blocking, run_plan
 from .models import Config, WorkerStatus
 from .schema_name import DEFAULT_SCHEMA, check_name, check_schema
 from .status import to_status, to_statuses
@@ -92,7 +92,7 @@ def ping(
     """
     args = ping_args(name, work_query, worker, config)
     s = _session(conn, schema)
-    result: PingResult = s.fetchval("ping", *args)
+    result: PingResult = checked(s.fetchrow("ping", *args), s.schema)
     return result
 
 
@@ -103,14 +103,14 @@ def stop(conn: psycopg.Connection[Any], name: str, *, schema: str = DEFAULT_SCHE
     """
     check_name(name)
     s = _session(conn, schema)
-    return bool(s.fetchval("stop", name, code_version()) != "missing")
+    return bool(checked(s.fetchrow("stop", name, code_version()), s.schema) != "missing")
 
 
 def start(conn: psycopg.Connection[Any], name: str, *, schema: str = DEFAULT_SCHEMA) -> bool:
     """Resume a stopped worker (see :func:`batchloop.start`); returns False when there is none."""
     check_name(name)
     s = _session(conn, schema)
-    return bool(s.fetchval("start", name, code_version()) != "missing")
+    return bool(checked(s.fetchrow("start", name, code_version()), s.schema) != "missing")
 
 
 def status(
@@ -119,7 +119,7 @@ def status(
     """The worker ``name``, or None if no ping ever created it."""
     check_name(name)
     s = _session(conn, schema)
-    s.fetchval("check_version", code_version())
+    refuse_newer(s.fetchval("check_version", code_version()), s.schema)
     row = s.fetchrow("status", name)
     return to_status(row) if row is not None else None
 
@@ -129,7 +129,7 @@ def list_workers(
 ) -> list[WorkerStatus]:
     """Every worker, ordered by name."""
     s = _session(conn, schema)
-    s.fetchval("check_version", code_version())
+    refuse_newer(s.fetchval("check_version", code_version()), s.schema)
     return to_statuses(s.fetch("status", None))
 
 
@@ -149,26 +149,23 @@ def migrate(
             return migrate(conn, schema=schema)
     s = _session(dsn_or_conn, schema)
     with dsn_or_conn.transaction():
-        done = _drive(plan(schema), s)
+        done = run_blocking(run_plan(_Blocking(s), schema))
     if done:
         log.info("migrated schema %s: applied %s", schema, done)
     return done
 
 
-def _drive(
-    steps: Generator[Step, Sequence[Row] | None, list[int]], s: SyncPsycopgSession
-) -> list[int]:
-    """Run :func:`batchloop.migrations.plan` synchronously (the twin of ``migrations._drive``)."""
-    reply: Sequence[Row] | None = None
-    try:
-        while True:
-            step = steps.send(reply)
-            if isinstance(step, Script):
-                s.script(step.sql)
-                reply = None
-            else:
-                assert isinstance(step, Query)
-                reply = s.fetch(step.name)
-    except StopIteration as done:
-        result: list[int] = done.value
-        return result
+class _Blocking:
+    """A sync session as :func:`batchloop.migrations.run_plan` takes one: each await is a
+    blocking call that has finished when it returns, so the coroutine never suspends."""
+
+    __slots__ = ("_s",)
+
+    def __init__(self, s: SyncPsycopgSession) -> None:
+        self._s = s
+
+    async def fetch(self, name: str, *args: Any) -> Sequence[Row]:
+        return self._s.fetch(name, *args)
+
+    async def script(self, sql: str) -> None:
+        self._s.script(sql)

@@ -334,7 +334,8 @@ def test_check_name_rejects_everything_else(name: object) -> None:
 
 @given(st.text(max_size=300))
 def test_check_name_length_rule(name: str) -> None:
-    if 1 <= len(name) <= 200:
+    # NUL is the one character PostgreSQL text cannot hold (test_inputs.py covers it).
+    if 1 <= len(name) <= 200 and "\x00" not in name:
         assert check_name(name) == name
     else:
         with pytest.raises(ValueError):

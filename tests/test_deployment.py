@@ -37,8 +37,10 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 import batchloop as bl
+import batchloop.sync as bls
 from batchloop.connect import check_dedicated_session
 from batchloop.errors import SessionRequiredError
+from batchloop.migrations import code_version
 
 import psycopg_jobs
 from helpers import count as _count
@@ -706,6 +708,44 @@ async def test_migrate_as_app_role_is_a_no_op_when_up_to_date(
     role, app_dsn = roles.create("app")
     roles.grant_app(role)
     assert await bl.migrate(app_dsn) == []
+
+
+def _cli_migrate(dsn: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "batchloop", "--dsn", dsn, "migrate"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_app_role_runs_every_migrate_and_sees_a_newer_schema_refused(
+    migrated_dsn: str, roles: Roles
+) -> None:
+    """``batchloop.sync.migrate`` and ``batchloop migrate`` are read-only no-ops for the role
+    too; on a schema a newer release migrated, each raises SchemaTooNewError (not a
+    permission error from a CREATE the role may not run)."""
+    role, app_dsn = roles.create("app")
+    roles.grant_app(role)
+    assert bls.migrate(app_dsn) == []
+    with psycopg.connect(app_dsn) as c:  # the app's own connection, inside its transaction
+        assert bls.migrate(c) == []
+    proc = _cli_migrate(app_dsn)
+    assert proc.returncode == 0 and "up to date" in proc.stdout, proc
+    async with await psycopg.AsyncConnection.connect(app_dsn) as ac:
+        assert await bl.migrate(ac) == []
+
+    newer = code_version() + 1
+    with psycopg.connect(migrated_dsn, autocommit=True) as c:  # a newer release, as the owner
+        c.execute(f"INSERT INTO batchloop.schema_migrations VALUES ({newer}, 'future')")
+    refused = f"version {newer}, newer than this code"
+    with pytest.raises(bl.SchemaTooNewError, match=refused):
+        bls.migrate(app_dsn)
+    with pytest.raises(bl.SchemaTooNewError, match=refused):
+        await bl.migrate(app_dsn)
+    proc = _cli_migrate(app_dsn)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc
+    assert refused in proc.stderr and "permission denied" not in proc.stderr
 
 
 # ------------------------------------------------------------------ frozen owner takeover

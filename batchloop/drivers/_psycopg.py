@@ -83,10 +83,18 @@ def socket_gone(exc: BaseException) -> bool:
     )
 
 
+def is_connection(obj: object) -> bool:
+    """A psycopg Connection or AsyncConnection (never, when psycopg cannot load)."""
+    return bool(
+        psycopg is not None and isinstance(obj, psycopg.Connection | psycopg.AsyncConnection)
+    )
+
+
 __all__ = [
     "CONNECTION_LOST",
     "ERRORS",
     "INSTALL",
+    "is_connection",
     "PsycopgUnavailable",
     "require",
     "socket_gone",

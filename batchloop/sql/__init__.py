@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from functools import cache
 from importlib.resources import files
@@ -44,7 +45,16 @@ def literal(value: object) -> str | None:
         if "$bl" in value or "\x00" in value or value.endswith("$"):
             return None
         return f"$bl${value}$bl$"
-    return repr(float(value)) if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        number = float(value)  # a subclass's repr may not be a number (numpy's)
+        # repr() of inf or nan is a bare word, which SQL would read as a column name.
+        if not math.isfinite(number):
+            return None
+        text = repr(number)
+    else:
+        text = str(int(value))  # an IntEnum's str() is its name
+    # Parenthesised, a negative number cannot turn a "-" before it into a comment ("--").
+    return f"({text})" if text.startswith("-") else text
 
 
 def inline(name: str, schema: str, *args: object) -> str | None:

@@ -2,20 +2,35 @@
 -- (the psycopg driver rewrites them). Transitions with several steps live in plpgsql functions
 -- (migrations/), so each call here is one round trip.
 
+-- The calls from user transactions read the migration record first and skip their function
+-- when it names a version newer than this code ($n, the code's version): a newer release's
+-- migrate may leave schema_version() alone, and its functions are not ours to trust. "newest"
+-- comes back for the client to refuse; CASE evaluates the call only when it is not skipped.
+
 -- name: ping
-SELECT {schema}.ping($1, $2, $3, $4::jsonb, $5::jsonb, $6)
+SELECT v.newest, CASE WHEN v.newest > $6 THEN NULL
+                 ELSE {schema}.ping($1, $2, $3, $4::jsonb, $5::jsonb, $6) END AS result
+  FROM (SELECT max(version) AS newest FROM {schema}.schema_migrations) v
 
 -- name: stop
-SELECT {schema}.stop_worker($1, $2)
+SELECT v.newest, CASE WHEN v.newest > $2 THEN NULL
+                 ELSE {schema}.stop_worker($1, $2) END AS result
+  FROM (SELECT max(version) AS newest FROM {schema}.schema_migrations) v
 
 -- name: start
-SELECT {schema}.start_worker($1, $2)
+SELECT v.newest, CASE WHEN v.newest > $2 THEN NULL
+                 ELSE {schema}.start_worker($1, $2) END AS result
+  FROM (SELECT max(version) AS newest FROM {schema}.schema_migrations) v
 
 -- name: check_version
-SELECT {schema}.check_version($1)
+-- Raises when schema_version() is newer than $1; returns the newest recorded migration.
+SELECT (SELECT max(version) FROM {schema}.schema_migrations) AS newest,
+       {schema}.check_version($1) AS checked
 
 -- name: schema_version
-SELECT {schema}.schema_version()
+-- The newer of schema_version() and the migration record (see above).
+SELECT greatest({schema}.schema_version(),
+                (SELECT max(version) FROM {schema}.schema_migrations))
 
 -- name: status
 WITH held AS (
@@ -65,6 +80,8 @@ UPDATE {schema}.hosts SET heartbeat_at = now() WHERE host_id = $1 RETURNING host
 -- process can run ($2, $3: its registered refs) and whose session lock nobody holds (claim
 -- them), and any whose owner's heartbeat is older than the name's monitor_lag (a frozen or
 -- cut-off host: stale_owner; its backends must be terminated first). Most overdue first.
+-- A monitor_lag that is not a number in Config's range (a hand-edited row) counts as the
+-- default 60 s rather than failing this query, and so the monitor, for every name.
 WITH held AS (
     SELECT (classid::bigint << 32) | objid::bigint AS key
       FROM pg_locks
@@ -79,7 +96,10 @@ SELECT w.name, w.work_query, w.worker,
  WHERE (w.status = 'running' OR (w.status = 'waiting' AND s.next_run_at <= now()))
    AND ((w.lock_key NOT IN (SELECT key FROM held)
          AND w.work_query = ANY($2::text[]) AND w.worker = ANY($3::text[]))
-        OR h.heartbeat_at < now() - make_interval(secs => (w.config->>'monitor_lag')::float8))
+        OR h.heartbeat_at < now() - make_interval(secs => coalesce(
+               CASE WHEN jsonb_typeof(w.config->'monitor_lag') = 'number' THEN  -- nested: in order
+                   CASE WHEN (w.config->'monitor_lag')::numeric BETWEEN 1 AND 86400
+                        THEN (w.config->'monitor_lag')::float8 END END, 60)))
  ORDER BY s.next_run_at NULLS FIRST
  LIMIT $1
 
@@ -110,8 +130,9 @@ DELETE FROM {schema}.hosts WHERE host_id = $1
 -- name: fence
 -- The full fence: why book_batch found no row (superseded, a stop waiting, new callables, or
 -- a due wake-up). Locks this name's state row for the transaction, so a claim or stop (which
--- bump the generation) waits for us, and we see theirs if they came first.
-SELECT w.status, w.revision
+-- bump the generation) waits for us, and we see theirs if they came first. The revision is the
+-- state row's: if we waited for a ping's lock, only that row is re-read (see protocol.py).
+SELECT w.status, s.revision
   FROM {schema}.worker_state s JOIN {schema}.workers w USING (name)
  WHERE s.name = $1 AND s.generation = $2
    AND pg_try_advisory_xact_lock_shared($3)
@@ -123,11 +144,15 @@ SELECT w.status, w.revision
 -- callables are the ones we loaded ($3), the worker runs, and no stop waits (the stop lock,
 -- $4, try-locked shared); its row lock then holds claims and stops off until we end. When the
 -- query finds no work, unbook_batch (or go_idle / go_waiting) puts the counters back.
+-- Generation and revision are tested on worker_state, the row being updated: when this waits
+-- for a ping's or a claim's row lock, PostgreSQL re-checks the new version of that row only
+-- (the joined workers row stays as the statement's snapshot saw it), and the work query that
+-- follows sees what the lock holder committed.
 UPDATE {schema}.worker_state s
    SET batches = s.batches + 1, prev_work_at = s.last_work_at, last_work_at = now(),
        consecutive_failures = 0, next_run_at = now()
   FROM {schema}.workers w
- WHERE w.name = s.name AND s.name = $1 AND s.generation = $2 AND w.revision = $3
+ WHERE w.name = s.name AND s.name = $1 AND s.generation = $2 AND s.revision = $3
    AND w.status = 'running' AND pg_try_advisory_xact_lock_shared($4)
 
 -- name: unbook_batch

@@ -1,0 +1,42 @@
+"""Text from the database made safe to print on an operator's terminal.
+
+Names and error messages are whatever users' code put there. Printed raw, a control character
+can clear the screen or rewrite what is shown (ESC sequences, a carriage return), and a bidi
+override can make a line read differently from what it holds. The table view of ``batchloop
+status`` shows such characters as Python-style escapes instead; ``--json`` stays verbatim (JSON
+escapes control characters itself).
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+_BIDI = frozenset(
+    "\u061c"  # ARABIC LETTER MARK
+    "\u200e\u200f"  # LEFT-TO-RIGHT / RIGHT-TO-LEFT MARK
+    "\u202a\u202b\u202c\u202d\u202e"  # embeddings, pop, overrides
+    "\u2066\u2067\u2068\u2069"  # isolates
+)
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Zl", "Zp", "Cs"})
+"""C0 and C1 controls and DEL; line and paragraph separators; lone surrogates."""
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def _unsafe(char: str) -> bool:
+    return char in _BIDI or unicodedata.category(char) in _UNSAFE_CATEGORIES
+
+
+def printable(text: str) -> str:
+    """``text`` with every character that could act on a terminal escaped (``\\x1b``,
+    ``\\u202e``, ...); anything else, backslashes and non-ASCII letters included, unchanged."""
+    if text.isprintable():  # the common case, and a fast one
+        return text
+    return "".join(_escape(c) if _unsafe(c) else c for c in text)
