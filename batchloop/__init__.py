@@ -3,6 +3,7 @@
 See README.md for usage and :mod:`batchloop.protocol` for how it works.
 """
 
+from ._version import __version__
 from .api import list_workers, ping, start, status, stop
 from .cron import tick
 from .errors import (
@@ -31,6 +32,7 @@ __all__ = [
     "TickReport",
     "Work",
     "WorkerStatus",
+    "__version__",
     "list_workers",
     "migrate",
     "ping",

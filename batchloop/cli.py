@@ -16,18 +16,22 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
-import psycopg
 from pydantic import TypeAdapter
 
 from . import sync
+from ._version import __version__
 from .display import printable
+from .drivers import _psycopg
 from .errors import BatchloopError
 from .migrations import Query, Script, code_version, plan
 from .models import WorkerStatus
 from .schema_name import DEFAULT_SCHEMA, check_schema
+
+if TYPE_CHECKING:
+    import psycopg
 
 PROG = "batchloop"
 _STATUSES = TypeAdapter(list[WorkerStatus])
@@ -38,7 +42,7 @@ _EXPECTED: tuple[type[BaseException], ...] = (
     BatchloopError,
     ValueError,
     ImportError,
-    psycopg.Error,
+    *_psycopg.ERRORS,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
     OSError,
@@ -336,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="One loop per named queue, cluster-wide, over PostgreSQL.",
     )
     _global_options(parser, suppress=False)
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     _global_options(common, suppress=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

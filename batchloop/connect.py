@@ -10,7 +10,7 @@ import socket
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 from tenacity import (
@@ -23,8 +23,10 @@ from tenacity import (
     wait_random,
 )
 
-from .drivers.psycopg import PsycopgPool
 from .errors import BatchloopError, SessionRequiredError
+
+if TYPE_CHECKING:
+    from .drivers.psycopg import PsycopgPool
 
 log = logging.getLogger("batchloop")
 
@@ -345,9 +347,14 @@ async def create_psycopg_pool(
 ) -> PsycopgPool:
     """A psycopg_pool of autocommit connections (loops send their own BEGIN), opened with
     ``min_size`` connections within ``timeout`` (None: wait for ever)."""
+    from .drivers._psycopg import require
+
+    require('Host(driver="psycopg")', pool=True)
     import psycopg
     from psycopg.conninfo import conninfo_to_dict
     from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+    from .drivers.psycopg import PsycopgPool
 
     try:
         conninfo_to_dict(dsn or "")

@@ -16,11 +16,11 @@ from typing import Any
 
 import anyio
 import asyncpg
-import psycopg
 from asyncpg.pool import PoolConnectionProxy
 
 from .connect import check_dedicated_session, connect
 from .control import Control
+from .drivers import _psycopg
 from .drivers.asyncpg import AsyncpgSession
 from .errors import BatchloopError
 from .loop import Bound, LoopContext, NameLoop
@@ -89,7 +89,7 @@ def _check_connection(conn: object) -> None:
         hint = ""
         if isinstance(conn, asyncpg.Pool):
             hint = " (acquire a connection from the pool, or pass the DSN)"
-        elif isinstance(conn, psycopg.Connection | psycopg.AsyncConnection):
+        elif _psycopg.is_connection(conn):
             hint = " (psycopg connections are not supported here: pass the DSN)"
         raise TypeError(
             "tick() takes a DSN string, None (the PG* environment) or an asyncpg Connection, "

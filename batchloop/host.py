@@ -34,9 +34,9 @@ from .connect import (
     server_of,
 )
 from .control import Control
+from .drivers import _psycopg
 from .drivers.asyncpg import AsyncpgLoopDriver
-from .drivers.base import Session
-from .drivers.psycopg import PsycopgLoopDriver, PsycopgPool
+from .drivers.base import LoopDriver, Session
 from .errors import BatchloopError, SchemaTooNewError
 from .loop import Bound, CallableMissing, LoopContext, NameLoop
 from .migrations import check_version, code_version, refuse_newer
@@ -91,6 +91,8 @@ class Host:
     ) -> None:
         if driver not in ("asyncpg", "psycopg"):
             raise ValueError(f"driver must be 'asyncpg' or 'psycopg', got {driver!r}")
+        if driver == "psycopg":
+            _psycopg.require('Host(driver="psycopg")', pool=True)
         self.driver = driver
         self.dsn = dsn
         self.control_dsn = control_dsn if control_dsn is not None else dsn
@@ -161,7 +163,11 @@ class Host:
     async def __aenter__(self) -> Host:
         import_modules(self.modules)
         self._pool = await self._create_pool()
-        driver = PsycopgLoopDriver() if self.driver == "psycopg" else AsyncpgLoopDriver()
+        driver: LoopDriver = AsyncpgLoopDriver()
+        if self.driver == "psycopg":
+            from .drivers.psycopg import PsycopgLoopDriver
+
+            driver = PsycopgLoopDriver()
         self._ctx = LoopContext(
             self._pool,
             self.schema,
@@ -359,7 +365,7 @@ class Host:
         try:
             if isinstance(self._pool, AsyncpgPool):
                 await pool.expire_connections()
-            elif isinstance(self._pool, PsycopgPool) and self._tg is not None:
+            elif self.driver == "psycopg" and self._tg is not None:
                 self._tg.start_soon(self._drain_psycopg_pool, pool)
         except Exception as exc:
             log.debug("host %s: could not expire pool connections: %r", self.host_id, exc)

@@ -33,11 +33,11 @@ from typing import Any, Protocol
 
 import anyio
 import asyncpg
-import psycopg
 
 from . import decide
 from .connect import TRANSIENT, server_id
 from .decide import Decision, RunAgain, Sleep
+from .drivers import _psycopg
 from .drivers.asyncpg import AsyncpgLoopDriver
 from .drivers.base import LoopDriver, Row, Session
 from .drivers.iteration import CLEANUP_TIMEOUT
@@ -54,8 +54,7 @@ CONNECTION_LOST: tuple[type[BaseException], ...] = (
     asyncpg.InterfaceError,  # the connection was closed under us
     asyncpg.PostgresConnectionError,
     asyncpg.OperatorInterventionError,  # 57xxx: terminated backend, shutdown, restart
-    psycopg.errors.ConnectionException,
-    psycopg.errors.OperatorIntervention,
+    *_psycopg.CONNECTION_LOST,
 )
 
 
@@ -64,8 +63,7 @@ def connection_lost(exc: BaseException) -> bool:
     traceback (a server restart is not a bug), but counted and retried like any failure."""
     if isinstance(exc, CONNECTION_LOST):
         return True
-    # psycopg raises a bare OperationalError (no SQLSTATE) when the socket goes.
-    return isinstance(exc, psycopg.OperationalError) and exc.sqlstate is None
+    return _psycopg.socket_gone(exc)
 
 
 END_BACKEND_TIMEOUT = 5.0

@@ -21,18 +21,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
-
-import psycopg
+from typing import TYPE_CHECKING, Any
 
 from .api import PingResult, checked, ping_args
 from .connect import ConnectError, redact
+from .drivers._psycopg import require
 from .drivers.base import Row
-from .drivers.psycopg import SyncPsycopgSession
 from .migrations import code_version, refuse_newer, run_blocking, run_plan
 from .models import Config, WorkerStatus
 from .schema_name import DEFAULT_SCHEMA, check_name, check_schema
 from .status import to_status, to_statuses
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from .drivers.psycopg import SyncPsycopgSession
 
 log = logging.getLogger("batchloop")
 
@@ -47,6 +50,9 @@ def connect(
     ``dsn``: a libpq URL or key/value string; None (or "") uses the ``PG*`` environment variables.
     The error message hides any password in the DSN.
     """
+    require("batchloop.sync")
+    import psycopg
+
     try:
         return psycopg.connect(
             dsn or "", autocommit=autocommit, connect_timeout=max(1, int(timeout))
@@ -57,6 +63,11 @@ def connect(
 
 
 def _session(conn: psycopg.Connection[Any], schema: str) -> SyncPsycopgSession:
+    require("batchloop.sync")
+    import psycopg
+
+    from .drivers.psycopg import SyncPsycopgSession
+
     if not isinstance(conn, psycopg.Connection):
         raise TypeError(
             f"conn must be a psycopg (sync) Connection, got {type(conn).__name__} "

@@ -6,13 +6,17 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-import psycopg
-from psycopg.pq import TransactionStatus
-from psycopg.rows import dict_row
-
 from .. import sql
+from ._psycopg import unavailable
 from .base import Row, translate
 from .iteration import SimpleIteration
+
+try:
+    import psycopg
+    from psycopg.pq import TransactionStatus
+    from psycopg.rows import dict_row
+except ImportError as exc:  # no psycopg, or no libpq for it
+    raise unavailable("batchloop's psycopg driver", exc) from exc
 
 
 def _params(args: tuple[Any, ...]) -> dict[str, Any]:
