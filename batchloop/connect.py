@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import socket
 from typing import Any
 
@@ -20,6 +19,8 @@ from tenacity import (
 )
 
 from .drivers.psycopg import PsycopgPool
+from .dsn import for_asyncpg, parse, scrub
+from .dsn import redact as redact
 from .errors import BatchloopError, SessionRequiredError
 
 log = logging.getLogger("batchloop")
@@ -79,14 +80,9 @@ async def _reset(conn: asyncpg.Connection) -> None:
     await conn.execute(f"{conn.get_reset_query()}; {SERVER_KEEPALIVE}")
 
 
-def redact(dsn: str | None) -> str:
-    if not dsn:
-        return "the default (PG* environment) server"
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
-
-
 def _clear(exc: BaseException, dsn: str | None) -> ConnectError:
-    return ConnectError(f"cannot connect to PostgreSQL at {redact(dsn)}: {exc}")
+    # scrub: a driver's message could echo a DSN value (asyncpg quotes bad URL parts).
+    return ConnectError(scrub(f"cannot connect to PostgreSQL at {redact(dsn)}: {exc}", dsn))
 
 
 def retrying(timeout: float | None, what: str = "PostgreSQL") -> AsyncRetrying:
@@ -110,10 +106,11 @@ def retrying(timeout: float | None, what: str = "PostgreSQL") -> AsyncRetrying:
 
 async def connect(dsn: str | None, *, timeout: float | None, **kwargs: Any) -> asyncpg.Connection:
     """One connection; retries transient failures until ``timeout`` (None: for ever)."""
+    url, options = for_asyncpg(dsn)  # a DsnError (ValueError) at once: retrying cannot help
     try:
         async for attempt in retrying(timeout, redact(dsn)):
             with attempt:
-                conn: asyncpg.Connection = await asyncpg.connect(dsn, **kwargs)
+                conn: asyncpg.Connection = await asyncpg.connect(url, **{**options, **kwargs})
                 keepalive(conn)
                 return conn
     except (asyncpg.PostgresError, ValueError, *TRANSIENT) as exc:  # type: ignore[misc]
@@ -124,11 +121,17 @@ async def connect(dsn: str | None, *, timeout: float | None, **kwargs: Any) -> a
 async def create_pool(
     dsn: str | None, *, timeout: float | None, min_size: int, max_size: int, **kwargs: Any
 ) -> asyncpg.Pool:
+    url, options = for_asyncpg(dsn)
     try:
         async for attempt in retrying(timeout, redact(dsn)):
             with attempt:
                 pool: asyncpg.Pool = await asyncpg.create_pool(
-                    dsn, min_size=min_size, max_size=max_size, init=_init, reset=_reset, **kwargs
+                    url,
+                    min_size=min_size,
+                    max_size=max_size,
+                    init=_init,
+                    reset=_reset,
+                    **{**options, **kwargs},
                 )
                 return pool
     except (asyncpg.PostgresError, ValueError, *TRANSIENT) as exc:  # type: ignore[misc]
@@ -184,13 +187,9 @@ async def create_psycopg_pool(
     """A psycopg_pool of autocommit connections (loops send their own BEGIN), opened with
     ``min_size`` connections within ``timeout`` (None: wait for ever)."""
     import psycopg
-    from psycopg.conninfo import conninfo_to_dict
     from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-    try:
-        conninfo_to_dict(dsn or "")
-    except psycopg.ProgrammingError as exc:
-        raise _clear(exc, dsn) from exc
+    parse(dsn or "")  # a DsnError naming no DSN value, rather than libpq's quoting one
 
     async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
         await conn.execute(SERVER_KEEPALIVE.encode())
@@ -257,8 +256,9 @@ async def check_dedicated_session(
         pid = await conn.fetchval("SELECT pg_backend_pid()")
         if conn.get_server_pid() == pid:
             return
+        url, options = for_asyncpg(dsn)
         for _ in range(probes):
-            probe = await asyncpg.connect(dsn, **connect_kwargs)
+            probe = await asyncpg.connect(url, **{**options, **connect_kwargs})
             try:
                 async with probe.transaction():
                     probe_pid = await probe.fetchval("SELECT pg_backend_pid()")

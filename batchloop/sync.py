@@ -27,6 +27,7 @@ import psycopg
 
 from .api import PingResult, ping_args
 from .connect import ConnectError, redact
+from .dsn import parse, scrub
 from .drivers.base import Row
 from .drivers.psycopg import SyncPsycopgSession
 from .migrations import Query, Script, Step, code_version, plan
@@ -47,13 +48,16 @@ def connect(
     ``dsn``: a libpq URL or key/value string; None (or "") uses the ``PG*`` environment variables.
     The error message hides any password in the DSN.
     """
+    parse(dsn or "")  # a DsnError naming no DSN value, rather than libpq's quoting one
     try:
         return psycopg.connect(
             dsn or "", autocommit=autocommit, connect_timeout=max(1, int(timeout))
         )
     except psycopg.Error as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConnectError(f"cannot connect to PostgreSQL at {redact(dsn)}: {detail}") from exc
+        raise ConnectError(
+            scrub(f"cannot connect to PostgreSQL at {redact(dsn)}: {detail}", dsn)
+        ) from exc
 
 
 def _session(conn: psycopg.Connection[Any], schema: str) -> SyncPsycopgSession:
