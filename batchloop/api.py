@@ -9,7 +9,7 @@ from .drivers import session_for
 from .drivers.base import Session
 from .migrations import code_version
 from .models import Config, WorkerStatus
-from .registry import resolve_callable
+from .registry import resolve_callable, warn_unhostable
 from .schema_name import DEFAULT_SCHEMA, check_name, check_schema
 from .status import to_status, to_statuses
 
@@ -26,6 +26,7 @@ def ping_args(
         raise TypeError(f"config must be a batchloop.Config, got {type(config).__name__}")
     query_ref = resolve_callable(work_query, "work_query")
     worker_ref = resolve_callable(worker, "worker")
+    warn_unhostable(query_ref, worker_ref)
     config_json = config.model_dump_json() if config is not None else None
     return (name, query_ref, worker_ref, config_json, _DEFAULT_CONFIG, code_version())
 

@@ -26,6 +26,7 @@ from . import sync
 from .errors import BatchloopError
 from .migrations import Query, Script, code_version, plan
 from .models import WorkerStatus
+from .registry import main_help, main_refs
 from .schema_name import DEFAULT_SCHEMA, check_schema
 
 PROG = "batchloop"
@@ -179,7 +180,17 @@ def _render(statuses: list[WorkerStatus], args: argparse.Namespace) -> str:
         return _STATUSES.dump_json(statuses, indent=2).decode()
     if not statuses:
         return f"no workers in schema {args.schema!r}"
-    return format_status_table(statuses)
+    return format_status_table(statuses) + _main_module_notes(statuses)
+
+
+def _main_module_notes(statuses: Sequence[WorkerStatus]) -> str:
+    """Workers no host can ever run, said under the table: their state alone looks healthy."""
+    notes = []
+    for s in statuses:
+        found = main_refs(s.work_query, s.worker)
+        if found and s.state in ("running", "waiting"):
+            notes.append(f"\nnote: worker {s.name!r}: {main_help(found)}.")
+    return "\n" + "\n".join(notes) if notes else ""
 
 
 def cmd_status(args: argparse.Namespace) -> int:
