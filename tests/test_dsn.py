@@ -62,7 +62,8 @@ def test_pure_parser_agrees_with_libpq(text: str) -> None:
 )
 def test_redact_hides_the_password_in_any_form(text: str) -> None:
     assert SECRET not in bldsn.redact(text)
-    assert SECRET not in bldsn.scrub(f"boom {SECRET}", text) or "%ZZ" in text or "'" in text
+    if "%ZZ" not in text and text.count("'") != 1:  # a parseable DSN: its password is known
+        assert SECRET not in bldsn.scrub(f"boom {SECRET}", text)
     try:
         bldsn.for_asyncpg(text)
     except bldsn.DsnError as exc:

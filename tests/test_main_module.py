@@ -182,3 +182,38 @@ def test_ref_of_main_module(spec_name: str | None, tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"{spec_name or '__main__'}:f"
+
+
+def test_python_dash_m_whose_host_imports_itself(migrated_dsn: str, tmp_path: Path) -> None:
+    """``python -m pkgz.mod`` with ``Host(modules=["pkgz.mod"])`` runs the module twice (as
+    ``__main__`` and as ``pkgz.mod``): ping accepts either copy of the callables."""
+    script = (
+        JOBS.split('if __name__ == "__main__":')[0]
+        + """
+import asyncio
+
+
+async def main():
+    async with bl.Host(os.environ["BATCHLOOP_DSN"], modules=["pkgz.mod"]) as host:
+        async with host.pool.acquire() as conn:
+            await conn.execute("CREATE TABLE xq (id bigserial PRIMARY KEY)")
+            async with conn.transaction():
+                await conn.execute("INSERT INTO xq SELECT FROM generate_series(1, 5)")
+                print("ping:", await bl.ping(conn, "xq", next_x, handle_x), flush=True)
+            while await conn.fetchval("SELECT count(*) FROM xq"):
+                await asyncio.sleep(0.05)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+    )
+    (tmp_path / "pkgz").mkdir()
+    (tmp_path / "pkgz" / "__init__.py").write_text("")
+    (tmp_path / "pkgz" / "mod.py").write_text(script)
+    done = _python("-m", "pkgz.mod", dsn=migrated_dsn, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "ping: created" in done.stdout
+    with psycopg.connect(migrated_dsn, autocommit=True) as c:
+        st = bls.status(c, "xq")
+    assert st is not None and st.work_query == "pkgz.mod:next_x"
