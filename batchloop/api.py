@@ -9,7 +9,7 @@ from .drivers import session_for
 from .drivers.base import Row, Session
 from .migrations import code_version, refuse_newer
 from .models import Config, WorkerStatus
-from .registry import resolve_callable
+from .registry import resolve_callable, warn_unhostable
 from .schema_name import DEFAULT_SCHEMA, check_name, check_schema
 from .status import to_status, to_statuses
 
@@ -26,6 +26,7 @@ def ping_args(
         raise TypeError(f"config must be a batchloop.Config, got {type(config).__name__}")
     query_ref = resolve_callable(work_query, "work_query")
     worker_ref = resolve_callable(worker, "worker")
+    warn_unhostable(query_ref, worker_ref)
     # Validated again: model_construct() (or a mutated copy) skips validation, and what is
     # stored must parse back, or status and the loop would refuse the row later.
     config_json = None

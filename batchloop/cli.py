@@ -2,18 +2,22 @@
 
 This is a user-facing program, so unlike the library it prints to stdout, installs signal
 handlers (``run``) and configures logging. Exit codes: 0 success, 1 error (one line on stderr,
-no traceback), 2 usage error, 130 interrupted.
+``batchloop: error: ...``, no traceback), 2 usage error, 130 interrupted (Ctrl-C); ``run``
+exits 0 on SIGTERM (the normal way to stop a service), ``demo`` 143.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import logging
 import os
 import signal
 import sys
 import time
+import traceback
+import typing
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -23,17 +27,26 @@ from pydantic import TypeAdapter
 
 from . import sync
 from ._version import __version__
+from .connect import ConnectError
 from .display import printable
 from .drivers import _psycopg
-from .errors import BatchloopError
+from .dsn import DsnError, parse, scrub
+from .errors import BatchloopError, SchemaMissingError
 from .migrations import Query, Script, code_version, plan
 from .models import WorkerStatus
+from .registry import main_help, main_refs, refs
 from .schema_name import DEFAULT_SCHEMA, check_schema
 
 if TYPE_CHECKING:
     import psycopg
 
 PROG = "batchloop"
+ERROR = f"{PROG}: error: "
+"""The one prefix of every error line (argparse's usage errors included)."""
+NO_DSN_HELP = (
+    "no DSN given: pass --dsn DSN or set BATCHLOOP_DSN (or DATABASE_URL, or the libpq PG* "
+    "variables), e.g. --dsn postgresql://user@localhost/mydb"
+)
 _STATUSES = TypeAdapter(list[WorkerStatus])
 
 # Errors that mean "the command could not do its job" rather than "batchloop has a bug":
@@ -140,8 +153,12 @@ def format_status_table(statuses: Sequence[WorkerStatus]) -> str:
     return "\n".join(lines)
 
 
-def _import_user_modules(modules: Sequence[str]) -> None:
-    """Import MODULEs the way ``python -m`` would find them: the current directory first."""
+def _import_user_modules(modules: Sequence[str], verbose: int = 0) -> None:
+    """Import MODULEs the way ``python -m`` would find them: the current directory first.
+
+    Whatever a module raises (a syntax error, an exception at import) is one line, or its
+    traceback with ``--verbose``; modules that register no callable at all are an error too,
+    since a host or tick would then do nothing, silently."""
     import importlib
 
     cwd = os.getcwd()
@@ -150,8 +167,17 @@ def _import_user_modules(modules: Sequence[str]) -> None:
     for module in modules:
         try:
             importlib.import_module(module)
-        except ImportError as exc:
-            raise CommandError(f"cannot import module {module!r}: {exc}") from exc
+        except (Exception, SystemExit) as exc:
+            if verbose:
+                traceback.print_exc()
+            kind = "" if isinstance(exc, ImportError) else f"{type(exc).__name__}: "
+            raise CommandError(f"cannot import module {module!r}: {kind}{_one_line(exc)}") from exc
+    if not refs("work_query") and not refs("worker"):
+        raise CommandError(
+            f"{', '.join(modules)} registered no work query or worker: decorate module-level "
+            "`async def`s with @batchloop.work_query and @batchloop.worker in the module(s) "
+            "you name"
+        )
 
 
 # ---------------------------------------------------------------------------------- commands
@@ -187,27 +213,65 @@ def _render(statuses: list[WorkerStatus], args: argparse.Namespace) -> str:
         return _STATUSES.dump_json(statuses, indent=2).decode()
     if not statuses:
         return f"no workers in schema {args.schema!r}"
-    return format_status_table(statuses)
+    return format_status_table(statuses) + _main_module_notes(statuses)
+
+
+def _main_module_notes(statuses: Sequence[WorkerStatus]) -> str:
+    """Workers no host can ever run, said under the table: their state alone looks healthy."""
+    notes = []
+    for s in statuses:
+        found = main_refs(s.work_query, s.worker)
+        if found and s.state in ("running", "waiting"):
+            notes.append(f"\nnote: worker {s.name!r}: {main_help(found)}.")
+    return "\n" + "\n".join(notes) if notes else ""
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with sync.connect(args.dsn, autocommit=True) as conn:
-        if args.watch is None:
+    if args.watch is None:
+        with sync.connect(args.dsn, autocommit=True) as conn:
             print(_render(_read_statuses(conn, args), args))
-            return 0
-        clear = sys.stdout.isatty() and not args.json
-        try:
-            while True:
+        return 0
+    return _watch(args)
+
+
+# A database going away (restart, failover, network) is something to wait out while watching.
+_WATCH_RETRY: tuple[type[BaseException], ...] = (ConnectError, psycopg.OperationalError)
+
+
+def _watch(args: argparse.Namespace) -> int:
+    clear = sys.stdout.isatty() and not args.json
+    conn: psycopg.Connection[Any] | None = None
+    try:
+        while True:
+            try:
+                if conn is None or conn.closed:
+                    conn = sync.connect(args.dsn, autocommit=True)
                 text = _render(_read_statuses(conn, args), args)
-                if clear:
-                    sys.stdout.write("\x1b[H\x1b[2J")
-                stamp = datetime.now().astimezone().strftime("%H:%M:%S")
-                if not args.json:
-                    print(f"batchloop status, schema {args.schema!r}, {stamp} (Ctrl-C to quit)\n")
-                print(text, flush=True)
-                time.sleep(args.watch)
-        except KeyboardInterrupt:
-            return 0
+            except _WATCH_RETRY as exc:
+                if conn is not None:
+                    conn.close()
+                    conn = None
+                problem = (
+                    f"database unavailable ({scrub(_one_line(exc), args.dsn)}); retrying every "
+                    f"{args.watch:g} s"
+                )
+                if args.json:  # stdout stays JSON documents only
+                    print(f"{ERROR}{problem}", file=sys.stderr, flush=True)
+                    time.sleep(args.watch)
+                    continue
+                text = problem
+            if clear:
+                sys.stdout.write("\x1b[H\x1b[2J")
+            stamp = datetime.now().astimezone().strftime("%H:%M:%S")
+            if not args.json:
+                print(f"batchloop status, schema {args.schema!r}, {stamp} (Ctrl-C to quit)\n")
+            print(text, flush=True)
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if conn is not None:
+            conn.close()
 
 
 def _stop_or_start(args: argparse.Namespace, action: Callable[..., bool], verb: str) -> int:
@@ -228,15 +292,22 @@ def cmd_start(args: argparse.Namespace) -> int:
     return _stop_or_start(args, sync.start, "started")
 
 
-async def _run_host(dsn: str | None, schema: str, modules: list[str], driver: str) -> None:
+async def _run_host(dsn: str | None, schema: str, modules: list[str], driver: str) -> int:
+    """Host until SIGINT (exit code 130) or SIGTERM (0: a service asked to stop)."""
     from .host import Host
 
     done = asyncio.Event()
+    received: list[int] = []
     loop = asyncio.get_running_loop()
     installed = []
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        done.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, done.set)
+            loop.add_signal_handler(sig, on_signal, sig)
             installed.append(sig)
         except (NotImplementedError, RuntimeError):  # pragma: no cover - not on this platform
             pass
@@ -253,21 +324,23 @@ async def _run_host(dsn: str | None, schema: str, modules: list[str], driver: st
         for sig in installed:
             loop.remove_signal_handler(sig)
     print("stopped", flush=True)
+    return 130 if received and received[0] == signal.SIGINT else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    _import_user_modules(args.modules)
-    asyncio.run(_run_host(args.dsn, args.schema, list(args.modules), args.driver))
-    return 0
+    _import_user_modules(args.modules, args.verbose)
+    return asyncio.run(_run_host(args.dsn, args.schema, list(args.modules), args.driver))
 
 
 def cmd_tick(args: argparse.Namespace) -> int:
     from .cron import tick
 
-    _import_user_modules(args.modules)
+    _import_user_modules(args.modules, args.verbose)
     names = list(args.names) if args.names else None
     report = asyncio.run(tick(args.dsn, names, budget=args.budget, schema=args.schema))
     print(report.model_dump_json(indent=2))
+    for failure in report.failed:
+        print(f"{ERROR}{failure.name!r}: {_one_line(Exception(failure.error))}", file=sys.stderr)
     return 1 if report.failed else 0
 
 
@@ -334,14 +407,22 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        """Usage errors with the same prefix as every other error (argparse would put the
+        subcommand's name in it), then exit 2."""
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{ERROR}{message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="One loop per named queue, cluster-wide, over PostgreSQL.",
     )
     _global_options(parser, suppress=False)
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     _global_options(common, suppress=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -443,13 +524,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except CommandError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
+        print(f"{ERROR}{scrub(_one_line(exc), args.dsn)}", file=sys.stderr)
         return 1
     except _EXPECTED as exc:
         if args.verbose >= 2:
             logging.getLogger("batchloop").exception("%s failed", args.command)
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{ERROR}{scrub(_explain(exc, args.dsn), args.dsn)}", file=sys.stderr)
         return 1
+
+
+def _explain(exc: BaseException, dsn: str | None) -> str:
+    """The error's line, with what the user needs to act on it."""
+    text = _one_line(exc)
+    if isinstance(exc, ConnectError) and not dsn:
+        return f"{text}; {NO_DSN_HELP}"
+    if isinstance(exc, SchemaMissingError):
+        return f"{text} (database {_database_of(dsn)!r})"
+    return text
+
+
+def _database_of(dsn: str | None) -> str:
+    """The database libpq connects to for ``dsn``: its dbname, else PGDATABASE, else the user."""
+    try:
+        params = parse(dsn or "")
+    except DsnError:
+        params = {}
+    return (
+        params.get("dbname")
+        or os.environ.get("PGDATABASE")
+        or params.get("user")
+        or os.environ.get("PGUSER")
+        or getpass.getuser()
+    )
 
 
 __all__ = ["build_parser", "format_status_table", "main", "resolve_dsn", "schema_sql"]

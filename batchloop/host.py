@@ -40,7 +40,7 @@ from .drivers.base import LoopDriver, Session
 from .errors import BatchloopError, SchemaTooNewError
 from .loop import Bound, CallableMissing, LoopContext, NameLoop
 from .migrations import check_version, code_version, refuse_newer
-from .registry import import_modules, lookup, refs
+from .registry import host_running, import_modules, lookup, main_help, main_refs, refs
 from .schema_name import DEFAULT_SCHEMA, check_schema
 
 log = logging.getLogger("batchloop")
@@ -198,6 +198,7 @@ class Host:
             await self._pool.close()
             self._pool = None
             raise
+        host_running(+1)
         log.info("host %s started (schema %s, pid %d)", self.host_id, self.schema, self.pid)
         return self
 
@@ -219,6 +220,7 @@ class Host:
                     await self._runner
                 await self._say_goodbye(released)
         finally:
+            host_running(-1)
             self._runner = None
             with anyio.CancelScope(shield=True):
                 await self._pool.close()
@@ -303,6 +305,7 @@ class Host:
                     await self._monitor_tick()
                     tg.start_soon(self._monitor)
                     if first:
+                        await self._name_main_module_workers(control)
                         task_status.started()
                         first = False
                     await control.lost.wait()
@@ -508,11 +511,32 @@ class Host:
                 wanted.append(name)
         await self._claim(wanted)
 
-    def _runnable(self, query_ref: str, worker_ref: str) -> bool:
+    async def _name_main_module_workers(self, control: Control) -> None:
+        try:
+            rows = await control.fetch("main_module_workers")
+        except Exception as exc:  # only a diagnostic: never a reason to fail the start
+            log.debug("host %s: main_module_workers failed: %s", self.host_id, exc)
+            return
+        for row in rows:
+            self._runnable(row["work_query"], row["worker"], row["name"])
+
+    def _runnable(self, query_ref: str, worker_ref: str, name: str | None = None) -> bool:
         if lookup(query_ref, "work_query") and lookup(worker_ref, "worker"):
             return True
         if (query_ref, worker_ref) not in self._unrunnable:
             self._unrunnable.add((query_ref, worker_ref))
+            unimportable = [
+                ref for ref in main_refs(query_ref, worker_ref) if not lookup(ref, "worker")
+                and not lookup(ref, "work_query")
+            ]
+            if unimportable:
+                log.error(
+                    "host %s cannot run %s: %s",
+                    self.host_id,
+                    repr(name) if name else "a worker",
+                    main_help(unimportable),
+                )
+                return False
             log.warning(
                 "host %s does not run %s / %s: not registered here (pass their module in "
                 "Host(modules=...))",
@@ -629,7 +653,7 @@ class Host:
                 bound = Bound.from_row(row)
             except Exception as exc:
                 if isinstance(exc, CallableMissing):
-                    self._runnable(row["work_query"], row["worker"])
+                    self._runnable(row["work_query"], row["worker"], name)
                     self._foreign.add(name)
                 else:
                     log.error("host %s: cannot run %r: %s", self.host_id, name, exc)

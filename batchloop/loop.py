@@ -26,7 +26,7 @@ import logging
 import random
 import traceback
 from collections.abc import Awaitable, Callable, Sized
-from contextlib import AbstractAsyncContextManager, nullcontext
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Protocol
@@ -383,8 +383,17 @@ class NameLoop:
                 if not await it.book(self.bound.revision):
                     raise RuntimeError(f"loop {self.name!r}: its state changed while fencing")
             timeout = self.bound.config.iteration_timeout
-            with anyio.fail_after(timeout) if timeout is not None else nullcontext():
+            if timeout is None:
                 decision, processed = await self._run_callables(conn, it.session)
+            else:
+                try:
+                    with anyio.fail_after(timeout) as limit:
+                        decision, processed = await self._run_callables(conn, it.session)
+                except TimeoutError as exc:
+                    if not limit.cancel_called:
+                        raise  # the callables' own TimeoutError, not ours
+                    # last_error says which limit, rather than a bare "TimeoutError".
+                    raise TimeoutError(f"iteration_timeout ({timeout:g} s) exceeded") from exc
             if not it.open():
                 raise TransactionAborted(
                     f"loop {self.name!r}: a callable ended the iteration's transaction (COMMIT "

@@ -27,6 +27,7 @@ from .api import PingResult, checked, ping_args
 from .connect import ConnectError, redact
 from .drivers._psycopg import require
 from .drivers.base import Row
+from .dsn import parse, scrub
 from .migrations import code_version, refuse_newer, run_blocking, run_plan
 from .models import Config, WorkerStatus
 from .schema_name import DEFAULT_SCHEMA, check_name, check_schema
@@ -53,13 +54,16 @@ def connect(
     require("batchloop.sync")
     import psycopg
 
+    parse(dsn or "")  # a DsnError naming no DSN value, rather than libpq's quoting one
     try:
         return psycopg.connect(
             dsn or "", autocommit=autocommit, connect_timeout=max(1, int(timeout))
         )
     except psycopg.Error as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConnectError(f"cannot connect to PostgreSQL at {redact(dsn)}: {detail}") from exc
+        raise ConnectError(
+            scrub(f"cannot connect to PostgreSQL at {redact(dsn)}: {detail}", dsn)
+        ) from exc
 
 
 def _session(conn: psycopg.Connection[Any], schema: str) -> SyncPsycopgSession:

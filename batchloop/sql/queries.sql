@@ -222,3 +222,13 @@ SELECT EXISTS (
 
 -- name: applied_migrations
 SELECT version FROM {schema}.schema_migrations ORDER BY version
+
+-- name: main_module_workers
+-- Running or waiting workers whose callables a `python x.py` script registered (module
+-- __main__): a host names them once at start, since the monitor skips names it cannot run.
+SELECT name, work_query, worker
+  FROM {schema}.workers
+ WHERE status IN ('running', 'waiting')
+   AND (starts_with(work_query, '__main__:') OR starts_with(worker, '__main__:'))
+ ORDER BY name
+ LIMIT 100
