@@ -235,7 +235,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 # A database going away (restart, failover, network) is something to wait out while watching.
-_WATCH_RETRY: tuple[type[BaseException], ...] = (ConnectError, psycopg.OperationalError)
+_WATCH_RETRY: tuple[type[BaseException], ...] = (ConnectError, *_psycopg.OPERATIONAL)
 
 
 def _watch(args: argparse.Namespace) -> int:

@@ -65,12 +65,14 @@ def require(feature: str, *, pool: bool = False) -> None:
 
 if psycopg is not None:
     ERRORS: tuple[type[BaseException], ...] = (psycopg.Error,)
+    OPERATIONAL: tuple[type[BaseException], ...] = (psycopg.OperationalError,)
     CONNECTION_LOST: tuple[type[BaseException], ...] = (
         psycopg.errors.ConnectionException,
         psycopg.errors.OperatorIntervention,  # 57xxx: terminated backend, shutdown, restart
     )
 else:
     ERRORS = ()
+    OPERATIONAL = ()
     CONNECTION_LOST = ()
 
 
