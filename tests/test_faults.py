@@ -498,7 +498,10 @@ async def test_half_open_owner_is_taken_over_and_fenced(pg_cluster: Cluster, fle
     config = bl.Config(monitor_lag=lag)
     dsn = pg_cluster.dsn
     conn = await prepare(dsn)
-    env = {"JOBS_NAMES": "h", "JOBS_LIMIT": "2", "JOBS_SLEEP": "0.02"}
+    # A long cooldown: the precondition below (the proxied host still owns the name when the
+    # partition starts) must not depend on the producer's first ping beating a short cooldown
+    # on a loaded machine; with the default 0.3 s the loop sometimes went idle first.
+    env = {"JOBS_NAMES": "h", "JOBS_LIMIT": "2", "JOBS_SLEEP": "0.02", "JOBS_COOLDOWN": "30"}
     with Proxy(pg_cluster.port) as proxy:
         frozen = await fleet.start(proxy.dsn(dsn), **env)
         await _insert_produced(conn, "h", 20, config)
