@@ -5,7 +5,6 @@ See README.md for usage and :mod:`batchloop.protocol` for how it works.
 
 from ._version import __version__
 from .api import list_workers, ping, start, status, stop
-from .cron import tick
 from .errors import (
     BatchloopError,
     NotRegisteredError,
@@ -13,10 +12,11 @@ from .errors import (
     SchemaTooNewError,
     SessionRequiredError,
 )
-from .host import Host
 from .migrations import migrate
 from .models import Config, Debounce, Idle, Owner, TickReport, Work, WorkerStatus
 from .registry import work_query, worker
+from .runtime.host import Host
+from .runtime.tick import tick
 
 __all__ = [
     "BatchloopError",

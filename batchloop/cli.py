@@ -294,7 +294,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 async def _run_host(dsn: str | None, schema: str, modules: list[str], driver: str) -> int:
     """Host until SIGINT (exit code 130) or SIGTERM (0: a service asked to stop)."""
-    from .host import Host
+    from .runtime.host import Host
 
     done = asyncio.Event()
     received: list[int] = []
@@ -333,7 +333,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_tick(args: argparse.Namespace) -> int:
-    from .cron import tick
+    from .runtime.tick import tick
 
     _import_user_modules(args.modules, args.verbose)
     names = list(args.names) if args.names else None

@@ -22,6 +22,7 @@ from tenacity import (
     wait_random,
 )
 
+from .drivers.errors import TRANSIENT
 from .dsn import for_asyncpg, parse, scrub
 from .dsn import redact as redact
 from .errors import BatchloopError, SessionRequiredError
@@ -31,15 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("batchloop")
 
-# Worth retrying: the server is not there yet, restarting, or the network is flaky.
-TRANSIENT: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.ConnectionDoesNotExistError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.TargetServerAttributeNotMatched,  # a standby, maybe about to be promoted
-)
 
 
 class ConnectError(BatchloopError):

@@ -36,10 +36,10 @@ import asyncpg
 from .api import ping, start, status
 from .connect import connect, create_pool
 from .errors import BatchloopError
-from .host import Host
 from .migrations import migrate
 from .models import Config, Idle, Work, WorkerStatus
 from .registry import work_query, worker
+from .runtime.host import Host
 from .schema_name import DEFAULT_SCHEMA
 
 T = TypeVar("T")

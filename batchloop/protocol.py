@@ -2,7 +2,7 @@
 
 This module holds no code: it is the protocol's one description, in the manner of River's
 ``internal/leadership/doc.go``. The SQL it refers to is in ``migrations/`` and
-``batchloop/sql/queries.sql``; the pure decisions are in :mod:`batchloop.decide`.
+``batchloop/sql/queries.sql``; the pure decisions are in :mod:`batchloop.runtime.decide`.
 
 Tables
 ------

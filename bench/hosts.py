@@ -178,11 +178,13 @@ def _deaf() -> None:
     """Make hosts in this process skip LISTEN: wake-ups then reach them only through the
     monitor query. batchloop has no switch for it; this swaps the control connection class
     the host module uses for one whose ``listen`` does nothing."""
-    import batchloop.host as host_module
-    from batchloop.control import Control
+    import batchloop.runtime.host as host_module
+    from batchloop.runtime.session import Control
 
     if getattr(host_module, "Control", None) is not Control:
-        raise RuntimeError("batchloop.host no longer builds a Control: update bench/hosts.py")
+        raise RuntimeError(
+            "batchloop.runtime.host no longer builds a Control: update bench/hosts.py"
+        )
 
     class DeafControl(Control):
         async def listen(self, callback: Any) -> None:

@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 
 import batchloop as bl
-from batchloop.control import Control
+from batchloop.runtime.session import Control
 
 from helpers import count, wait_for
 from invariants import assert_invariants

@@ -11,9 +11,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import batchloop as bl
-from batchloop import decide
-from batchloop.decide import RunAgain, Sleep, after_confirm, after_failure, after_idle, after_work
 from batchloop.models import Config, Debounce, Idle
+from batchloop.runtime import decide
+from batchloop.runtime.decide import (
+    RunAgain,
+    Sleep,
+    after_confirm,
+    after_failure,
+    after_idle,
+    after_work,
+)
 from batchloop.schema_name import (
     DEFAULT_SCHEMA,
     channel,

@@ -9,9 +9,9 @@ import pytest
 
 import batchloop as bl
 from batchloop.drivers.asyncpg import AsyncpgLoopDriver
-from batchloop.loop import Bound, LoopContext, NameLoop
 from batchloop.models import Config
 from batchloop.registry import lookup
+from batchloop.runtime.loop import Bound, LoopContext, NameLoop
 
 from helpers import count as _count
 from helpers import wait_for

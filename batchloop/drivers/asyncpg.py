@@ -8,8 +8,8 @@ from typing import Any
 import asyncpg
 
 from .. import sql
+from ..runtime.iteration import SimpleIteration
 from .base import Row, translate
-from .iteration import SimpleIteration
 
 
 class AsyncpgSession:

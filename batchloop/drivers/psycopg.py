@@ -7,9 +7,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from .. import sql
+from ..runtime.iteration import SimpleIteration
 from ._psycopg import unavailable
 from .base import Row, translate
-from .iteration import SimpleIteration
 
 try:
     import psycopg

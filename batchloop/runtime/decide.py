@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .models import Debounce, Idle
+from ..models import Debounce, Idle
 
 RUNNING_THRESHOLD = 1.0
 """An ``Idle(timeout=t)`` with t at most max(this, poll_interval) keeps the worker running."""

@@ -22,7 +22,7 @@ import anyio
 import asyncpg
 from anyio.abc import TaskGroup, TaskStatus
 
-from .connect import (
+from ..connect import (
     AsyncpgPool,
     check_dedicated_session,
     connect,
@@ -33,15 +33,16 @@ from .connect import (
     server_keepalive,
     server_of,
 )
-from .control import Control
-from .drivers import _psycopg
-from .drivers.asyncpg import AsyncpgLoopDriver
-from .drivers.base import LoopDriver, Session
-from .errors import BatchloopError, SchemaTooNewError
+from ..drivers import _psycopg
+from ..drivers.asyncpg import AsyncpgLoopDriver
+from ..drivers.base import LoopDriver, Session
+from ..drivers.errors import insufficient_privilege, server_error
+from ..errors import BatchloopError, SchemaTooNewError
+from ..migrations import check_version, code_version, refuse_newer
+from ..registry import host_running, import_modules, lookup, main_help, main_refs, refs
+from ..schema_name import DEFAULT_SCHEMA, check_schema
 from .loop import Bound, CallableMissing, LoopContext, NameLoop
-from .migrations import check_version, code_version, refuse_newer
-from .registry import host_running, import_modules, lookup, main_help, main_refs, refs
-from .schema_name import DEFAULT_SCHEMA, check_schema
+from .session import Control
 
 log = logging.getLogger("batchloop")
 
@@ -165,7 +166,7 @@ class Host:
         self._pool = await self._create_pool()
         driver: LoopDriver = AsyncpgLoopDriver()
         if self.driver == "psycopg":
-            from .drivers.psycopg import PsycopgLoopDriver
+            from ..drivers.psycopg import PsycopgLoopDriver
 
             driver = PsycopgLoopDriver()
         self._ctx = LoopContext(
@@ -497,7 +498,7 @@ class Host:
             rows = await control.fetch("orphans", 500, refs("work_query"), refs("worker"))
         except Exception as exc:
             log.warning("host %s: monitor query failed: %s", self.host_id, exc)
-            if not isinstance(exc, asyncpg.PostgresError):
+            if not server_error(exc):
                 control.fail()  # timed out or broken: start a fresh session
             return
         wanted: list[str] = []
@@ -550,13 +551,13 @@ class Host:
         try:
             ended = await control.fetchval("terminate_host", f"batchloop/{host_id}")
             await control.fetchval("forget_host", host_id)
-        except asyncpg.InsufficientPrivilegeError as exc:
+        except Exception as exc:
+            if not insufficient_privilege(exc):
+                log.error("host %s: could not end frozen host %s: %s", self.host_id, host_id, exc)
+                return
             if host_id not in self._cannot_end:
                 self._cannot_end.add(host_id)
                 await self._explain_cannot_end(control, host_id, exc)
-            return
-        except Exception as exc:
-            log.error("host %s: could not end frozen host %s: %s", self.host_id, host_id, exc)
             return
         log.error(
             "host %s stopped heartbeating; terminated its %s backend(s) to take over its names",
@@ -635,7 +636,7 @@ class Host:
             rows = await control.fetch("claim_many", names, self.host_id, unlock or [])
         except Exception as exc:
             log.warning("host %s: claim of %s failed: %s", self.host_id, _some(names), exc)
-            if not isinstance(exc, asyncpg.PostgresError):
+            if not server_error(exc):
                 # Did it take locks? Unknown: drop the session, and every lock.
                 control.fail()
             elif unlock:

@@ -21,8 +21,8 @@ from typing import Any
 import anyio
 
 from .. import sql
+from ..drivers.base import Session
 from ..errors import TransactionAborted
-from .base import Session
 
 CLEANUP_TIMEOUT = 2.0
 """How long a cleanup step (a rollback) may wait on the server: a frozen one never answers.

@@ -18,16 +18,16 @@ import anyio
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from .connect import check_dedicated_session, connect
-from .control import Control
-from .drivers import _psycopg
-from .drivers.asyncpg import AsyncpgSession
-from .errors import BatchloopError
+from ..connect import check_dedicated_session, connect
+from ..drivers import _psycopg
+from ..drivers.asyncpg import AsyncpgSession
+from ..errors import BatchloopError
+from ..migrations import code_version, refuse_newer
+from ..models import TickFailure, TickReport
+from ..registry import lookup, refs
+from ..schema_name import DEFAULT_SCHEMA, check_name, check_schema
 from .loop import Bound, LoopContext, NameLoop
-from .migrations import code_version, refuse_newer
-from .models import TickFailure, TickReport
-from .registry import lookup, refs
-from .schema_name import DEFAULT_SCHEMA, check_name, check_schema
+from .session import Control
 
 
 class _OneConnection:

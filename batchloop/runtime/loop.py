@@ -16,8 +16,8 @@ Each iteration is a single transaction on a pool connection, READ COMMITTED:
 
 The worker's writes and the bookkeeping commit together or not at all. A failure rolls the
 iteration back, then records the failure in a transaction of its own and retries with backoff.
-The decisions themselves are pure functions in :mod:`batchloop.decide`; the round-trip economy
-is each driver's (:class:`batchloop.drivers.base.Iteration`).
+The decisions themselves are pure functions in :mod:`batchloop.runtime.decide`; the round-trip
+economy is each driver's (:class:`batchloop.drivers.base.Iteration`).
 """
 
 from __future__ import annotations
@@ -32,38 +32,20 @@ from functools import lru_cache
 from typing import Any, Protocol
 
 import anyio
-import asyncpg
 
+from ..connect import server_id
+from ..drivers.asyncpg import AsyncpgLoopDriver
+from ..drivers.base import LoopDriver, Row, Session
+from ..drivers.errors import connection_lost
+from ..errors import Superseded, TransactionAborted
+from ..models import Config, Debounce, Idle, Work
+from ..registry import Registered, lookup
+from ..status import parse_config
 from . import decide
-from .connect import TRANSIENT, server_id
 from .decide import Decision, RunAgain, Sleep
-from .drivers import _psycopg
-from .drivers.asyncpg import AsyncpgLoopDriver
-from .drivers.base import LoopDriver, Row, Session
-from .drivers.iteration import CLEANUP_TIMEOUT
-from .errors import Superseded, TransactionAborted
-from .models import Config, Debounce, Idle, Work
-from .registry import Registered, lookup
-from .status import parse_config
+from .iteration import CLEANUP_TIMEOUT
 
 log = logging.getLogger("batchloop")
-
-
-CONNECTION_LOST: tuple[type[BaseException], ...] = (
-    *TRANSIENT,
-    asyncpg.InterfaceError,  # the connection was closed under us
-    asyncpg.PostgresConnectionError,
-    asyncpg.OperatorInterventionError,  # 57xxx: terminated backend, shutdown, restart
-    *_psycopg.CONNECTION_LOST,
-)
-
-
-def connection_lost(exc: BaseException) -> bool:
-    """A failure of the database connection rather than of the user's code: logged without a
-    traceback (a server restart is not a bug), but counted and retried like any failure."""
-    if isinstance(exc, CONNECTION_LOST):
-        return True
-    return _psycopg.socket_gone(exc)
 
 
 END_BACKEND_TIMEOUT = 5.0

@@ -14,9 +14,9 @@ from typing import Any
 import anyio
 import asyncpg
 
-from . import sql
-from .drivers.base import Row, translate
-from .schema_name import channel
+from .. import sql
+from ..drivers.base import Row, translate
+from ..schema_name import channel
 
 STATEMENT_TIMEOUT = 5.0
 """Control statements are all quick; one that takes longer means the connection is bad."""
@@ -48,7 +48,7 @@ class Control:
             self.conn.terminate()
 
     async def identify(self) -> str:
-        from .connect import SERVER_ID
+        from ..connect import SERVER_ID
 
         async with self._lock:
             self.server = str(await self.conn.fetchval(SERVER_ID, timeout=STATEMENT_TIMEOUT))
