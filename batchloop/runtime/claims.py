@@ -86,8 +86,9 @@ class Claims:
         if (query_ref, worker_ref) not in self._warned:
             self._warned.add((query_ref, worker_ref))
             unimportable = [
-                ref for ref in main_refs(query_ref, worker_ref) if not lookup(ref, "worker")
-                and not lookup(ref, "work_query")
+                ref
+                for ref in main_refs(query_ref, worker_ref)
+                if not lookup(ref, "worker") and not lookup(ref, "work_query")
             ]
             if unimportable:
                 log.error(

@@ -225,6 +225,7 @@ class Host:
         tb: TracebackType | None,
     ) -> bool | None:
         assert self._runner is not None and self._pool is not None
+        assert self._sessions is not None
         self._current.closing = True
         try:
             with anyio.CancelScope(shield=True):
@@ -234,7 +235,9 @@ class Host:
                     self._tg.cancel_scope.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._runner
-                await self._say_goodbye(released)
+                control, self._current.control = self._current.control, None
+                if control is not None:
+                    await self._sessions.say_goodbye(control, self._ctx.in_flight, released)
         finally:
             host_running(-1)
             self._runner = None
@@ -370,27 +373,6 @@ class Host:
 
     def _on_notify(self, payload: str) -> None:
         self._wakeups.on_notify(payload)
-
-    # ------------------------------------------------------------------ shutdown
-
-    async def _say_goodbye(self, released: list[str]) -> None:
-        control = self._current.control
-        self._current.control = None
-        if control is None or control.is_closed():
-            return
-        try:
-            here = [p for p, server in self._ctx.in_flight.items() if server == control.server]
-            if here:
-                # Iterations cancelled past the grace period: a backend may still be running
-                # a statement its client gave up on, holding its name's row lock.
-                await control.fetchval(
-                    "end_zombies", [], here, self.application_name, control.server
-                )
-            await control.release_all(self.host_id, released)
-        except Exception as exc:
-            log.warning("host %s: goodbye failed: %s", self.host_id, exc)
-        finally:
-            await control.close()
 
 
 def _module_names(modules: object) -> tuple[str, ...]:

@@ -95,9 +95,7 @@ class Monitor:
             await control.fetchval("forget_host", host_id)
         except Exception as exc:
             if not insufficient_privilege(exc):
-                log.error(
-                    "host %s: could not end frozen host %s: %s", self._host_id, host_id, exc
-                )
+                log.error("host %s: could not end frozen host %s: %s", self._host_id, host_id, exc)
                 return False
             if host_id not in self._explained:
                 self._explained.add(host_id)

@@ -205,10 +205,10 @@ class Sessions:
         await control.identify()
         await control.connection.check_dedicated()
         await control.connection.keep_alive()
-        if self._database is not None and dict(
-            await control.fetchrow("database") or {}
-        ) != dict(self._database):
-            raise BatchloopError(self._different_database)
+        if self._database is not None:
+            database = await control.fetchrow("database")
+            if dict(database or {}) != dict(self._database):
+                raise BatchloopError(self._different_database)
         # Every session, not just the first: a newer release may have migrated meanwhile.
         refuse_newer(await control.fetchval("check_version", code_version()), self._schema)
         host = self._host
@@ -255,6 +255,28 @@ class Sessions:
             return
         if ended:
             log.warning("host %s ended %d backend(s) of its lost session", host_id, ended)
+
+    async def say_goodbye(
+        self, control: Control, in_flight: dict[int, str | None], released: list[str]
+    ) -> None:
+        """The host is exiting: end its iterations still running at the server, unlock every
+        name, drop the host row, NOTIFY ``released``, and close the session."""
+        if control.is_closed():
+            return
+        host = self._host
+        try:
+            here = [pid for pid, server in in_flight.items() if server == control.server]
+            if here:
+                # Iterations cancelled past the grace period: a backend may still be running
+                # a statement its client gave up on, holding its name's row lock.
+                await control.fetchval(
+                    "end_zombies", [], here, host.application_name, control.server
+                )
+            await control.release_all(host.host_id, released)
+        except Exception as exc:
+            log.warning("host %s: goodbye failed: %s", host.host_id, exc)
+        finally:
+            await control.close()
 
 
 async def heartbeat(control: Control, host_id: str, every: Callable[[], float]) -> None:
