@@ -184,7 +184,7 @@ class Sessions:
         self._on_notify = on_notify
         self._database = database
         self._different_database = different_database
-        self._lost: set[tuple[int, str | None]] = set()
+        self._lost_sessions: set[tuple[int, str | None]] = set()
         """Lost control sessions' (pid, server) that may live on at their server."""
 
     async def open(self, retry_for: float | None) -> Control:
@@ -218,7 +218,7 @@ class Sessions:
     def lost(self, control: Control) -> None:
         """``control`` is gone: its backend may live on at its server behind a half-open
         socket, holding session locks."""
-        self._lost.add((control.pid, control.server))
+        self._lost_sessions.add((control.pid, control.server))
 
     async def end_zombies(self, control: Control, in_flight: dict[int, str | None]) -> None:
         """Before claiming anything, end what the previous session may have left running.
@@ -229,10 +229,10 @@ class Sessions:
         iterations' backends (pid -> server) when the session was lost; emptied here.
         """
         here = control.server
-        old = [*self._lost, *in_flight.items()]
-        old_control = [pid for pid, server in self._lost if server == here]
+        old = [*self._lost_sessions, *in_flight.items()]
+        old_control = [pid for pid, server in self._lost_sessions if server == here]
         old_work = [pid for pid, server in in_flight.items() if server == here]
-        self._lost.clear()
+        self._lost_sessions.clear()
         in_flight.clear()
         host_id = self._host.host_id
         if len(old) > len(old_control) + len(old_work):
