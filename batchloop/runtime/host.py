@@ -41,7 +41,8 @@ from ..errors import BatchloopError, SchemaTooNewError
 from ..migrations import check_version, code_version, refuse_newer
 from ..registry import host_running, import_modules, lookup, main_help, main_refs, refs
 from ..schema_name import DEFAULT_SCHEMA, check_schema
-from .loop import Bound, CallableMissing, LoopContext, NameLoop
+from .iteration import CallableMissing, LoadedWorker
+from .loop import LoopContext, NameLoop
 from .session import Control
 
 log = logging.getLogger("batchloop")
@@ -430,7 +431,7 @@ class Host:
 
     def _heartbeat_every(self) -> float:
         """Often enough that no owned name's ``monitor_lag`` can pass between two beats."""
-        lags = [loop.bound.config.monitor_lag for loop in self._loops.values()]
+        lags = [loop.config.monitor_lag for loop in self._loops.values()]
         return max(0.1, min([self.heartbeat_interval, *(lag / 4 for lag in lags)]))
 
     # ------------------------------------------------------------------ wake-ups
@@ -651,7 +652,7 @@ class Host:
         for row in rows:
             name = row["name"]
             try:
-                bound = Bound.from_row(row)
+                bound = LoadedWorker.from_row(row)
             except Exception as exc:
                 if isinstance(exc, CallableMissing):
                     self._runnable(row["work_query"], row["worker"], name)
