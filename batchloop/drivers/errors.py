@@ -54,4 +54,10 @@ def server_error(exc: BaseException) -> bool:
 
 def insufficient_privilege(exc: BaseException) -> bool:
     """The role may not do this (e.g. terminate another role's backends)."""
-    return getattr(exc, "sqlstate", None) == INSUFFICIENT_PRIVILEGE
+    return sqlstate(exc) == INSUFFICIENT_PRIVILEGE
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The server's SQLSTATE for an error it answered with (either driver); None for a failure
+    of the connection itself."""
+    return getattr(exc, "sqlstate", None)

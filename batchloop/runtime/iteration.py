@@ -43,6 +43,7 @@ import anyio
 
 from .. import sql
 from ..drivers.base import Row, Session, WorkConnection
+from ..drivers.errors import sqlstate
 from ..errors import Superseded, TransactionAborted
 from ..models import Config, Debounce, Idle, Work
 from ..registry import Registered, lookup
@@ -118,10 +119,6 @@ def check_committed(tag: str, name: str) -> None:
             "statement in it failed and its error was caught inside a callable; let it "
             "propagate, or catch it inside `async with conn.transaction():` (a savepoint)"
         )
-
-
-def _sqlstate(exc: BaseException) -> str | None:
-    return getattr(exc, "sqlstate", None)
 
 
 class CallableMissing(Exception):
@@ -201,7 +198,7 @@ class Transaction:
             try:
                 tag = await io.send(text)
             except Exception as exc:
-                if not prepared or _sqlstate(exc) != UNKNOWN_PREPARED:
+                if not prepared or sqlstate(exc) != UNKNOWN_PREPARED:
                     raise
                 # Deallocated under us (DEALLOCATE ALL, DISCARD ALL): inline it this time.
                 _PREPARED.pop(io.server_session(), None)
@@ -226,7 +223,7 @@ class Transaction:
         try:
             await self.io.send(_book_statement(self._schema)[1])
         except Exception as exc:
-            state = _sqlstate(exc)
+            state = sqlstate(exc)
             if state is None:
                 raise  # the connection, not the statement
             if state != DUPLICATE_PREPARED:
