@@ -40,8 +40,8 @@ class Session(Protocol):
 
 class WorkConnection(Protocol):
     """A pool connection as one iteration's transaction uses it: the I/O that
-    :class:`batchloop.runtime.iteration.Iteration` composes (protocol: "One iteration"). An
-    adapter wraps one connection for one transaction; the runtime decides what to send."""
+    :class:`batchloop.runtime.iteration.Iteration` composes. An adapter wraps one connection
+    for one transaction; what to send, and when, is the runtime's."""
 
     @property
     def raw(self) -> Any:
