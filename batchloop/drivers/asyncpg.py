@@ -50,6 +50,20 @@ class AsyncpgSession:
         await self._conn.execute(text)
 
 
+def _broken(conn: Any) -> bool:
+    try:
+        return bool(conn.is_closed())
+    except asyncpg.InterfaceError:
+        return True  # asyncpg already released a terminated connection back to its pool
+
+
+def _abandon(conn: Any) -> None:
+    try:
+        conn.terminate()  # a pool proxy forwards it
+    except Exception as exc:
+        log.debug("abandoning a connection failed: %r", exc)
+
+
 class AsyncpgWork:
     """An asyncpg connection ready for one iteration's transaction
     (:class:`~batchloop.drivers.base.WorkConnection`).
@@ -124,34 +138,14 @@ class AsyncpgWork:
 class AsyncpgLoopDriver:
     """Loops whose callables get asyncpg connections (from the host's asyncpg pool)."""
 
-    def session(self, conn: Any, schema: str) -> AsyncpgSession:
-        return AsyncpgSession(conn, schema)
+    session = staticmethod(AsyncpgSession)
+    broken = staticmethod(_broken)
+    abandon = staticmethod(_abandon)
+    work = staticmethod(AsyncpgWork)
 
-    def work(self, conn: Any, schema: str) -> AsyncpgWork:
-        return AsyncpgWork(conn, schema)
-
-    def pid(self, conn: Any) -> int:
+    @staticmethod
+    def pid(conn: Any) -> int:
         return int(conn.get_server_pid())
-
-    def broken(self, conn: Any) -> bool:
-        return _broken(conn)
-
-    def abandon(self, conn: Any) -> None:
-        _abandon(conn)
-
-
-def _broken(conn: Any) -> bool:
-    try:
-        return bool(conn.is_closed())
-    except asyncpg.InterfaceError:
-        return True  # asyncpg already released a terminated connection back to its pool
-
-
-def _abandon(conn: Any) -> None:
-    try:
-        conn.terminate()  # a pool proxy forwards it
-    except Exception as exc:
-        log.debug("abandoning a connection failed: %r", exc)
 
 
 def is_connection(conn: object) -> bool:

@@ -58,6 +58,18 @@ class PsycopgSession:
         await self._conn.execute(text.encode())
 
 
+def _broken(conn: Any) -> bool:
+    return bool(conn.closed or conn.broken)
+
+
+def _abandon(conn: Any) -> None:
+    try:
+        if getattr(conn, "pgconn", None) is not None:
+            conn.pgconn.finish()
+    except Exception as exc:
+        log.debug("abandoning a connection failed: %r", exc)
+
+
 class PsycopgWork:
     """An autocommit psycopg connection ready for one iteration's transaction
     (:class:`~batchloop.drivers.base.WorkConnection`). psycopg sends a query without parameters
@@ -120,32 +132,14 @@ class PsycopgWork:
 class PsycopgLoopDriver:
     """Loops whose callables get psycopg AsyncConnections (``Host(driver="psycopg")``)."""
 
-    def session(self, conn: Any, schema: str) -> PsycopgSession:
-        return PsycopgSession(conn, schema)
+    session = staticmethod(PsycopgSession)
+    broken = staticmethod(_broken)
+    abandon = staticmethod(_abandon)
+    work = staticmethod(PsycopgWork)
 
-    def work(self, conn: Any, schema: str) -> PsycopgWork:
-        return PsycopgWork(conn, schema)
-
-    def pid(self, conn: Any) -> int:
+    @staticmethod
+    def pid(conn: Any) -> int:
         return int(conn.info.backend_pid)
-
-    def broken(self, conn: Any) -> bool:
-        return _broken(conn)
-
-    def abandon(self, conn: Any) -> None:
-        _abandon(conn)
-
-
-def _broken(conn: Any) -> bool:
-    return bool(conn.closed or conn.broken)
-
-
-def _abandon(conn: Any) -> None:
-    try:
-        if getattr(conn, "pgconn", None) is not None:
-            conn.pgconn.finish()
-    except Exception as exc:
-        log.debug("abandoning a connection failed: %r", exc)
 
 
 class PsycopgPool:
