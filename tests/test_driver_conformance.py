@@ -340,12 +340,12 @@ async def test_each_iteration_is_two_messages_of_ours(
     server session), the closing statements with COMMIT; a batch costs batchloop two messages
     and nothing else (bench/drain.py measures what that buys)."""
     cls: Any = AsyncpgLoopDriver if drv.name == "asyncpg" else PsycopgLoopDriver
-    original = cls.work
+    original = vars(cls)["work"]  # a method or a staticmethod: bind it as the class would
     iterations: list[list[str]] = []
 
     def work(self: Any, conn: Any, schema: str) -> Any:
         iterations.append([])
-        return _Recorder(original(self, conn, schema), iterations[-1])
+        return _Recorder(original.__get__(self, cls)(conn, schema), iterations[-1])
 
     monkeypatch.setattr(cls, "work", work)
     name = f"trips-{drv.name}"
