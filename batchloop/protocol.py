@@ -1,15 +1,20 @@
 """How batchloop keeps exactly one loop per name and never loses a wakeup.
 
 This module holds no code: it is the protocol's one description, in the manner of River's
-``internal/leadership/doc.go``. The SQL it refers to is in ``migrations/`` and
-``batchloop/sql/queries.sql``; the pure decisions are in :mod:`batchloop.runtime.decide`.
+``internal/leadership/doc.go``. Each section ends with the module that implements it (``->``).
+The SQL it refers to is in ``migrations/`` (applied in order; ``batchloop/sql/schema.sql`` is the
+result) and ``batchloop/sql/queries.sql`` (every named query); the runtime is in
+``batchloop/runtime/``, one module per section; the client libraries are reached only through
+``batchloop/drivers/`` (asyncpg, psycopg).
 
 Tables
 ------
 ``workers`` (rarely written): name, callables (``module:qualname``), config, ``status`` in
 ``idle | waiting | running | stopped``, ``revision`` (bumped when callables or config change),
-and two advisory-lock keys derived from schema and name: ``lock_key`` (ownership) and
-``wake_key`` (ping vs go-idle). ``worker_state`` (written every batch): ``generation``,
+and two of the name's three advisory-lock keys, derived from schema and name: ``lock_key``
+(ownership, a session lock) and ``wake_key`` (ping vs go-idle, transaction locks); the third,
+the ``stop`` key (stop vs iterations), is computed by ``lock_key('stop', name)`` and handed to
+a loop at its claim. ``worker_state`` (written every batch): ``generation``,
 ``owner_host``, ``next_run_at``, ``last_work_at``, counters, the last error, and ``revision``, a
 copy of ``workers.revision`` kept by a trigger (see "Revisions" below). ``hosts``: one row
 per live host with a heartbeat. Lock order is always ``worker_state`` row, then ``workers`` row.
@@ -31,6 +36,10 @@ States
 
 RUNNING and WAITING names have an owner: the host whose control connection holds the name's
 session advisory lock (``pg_try_advisory_lock(lock_key)``). IDLE and STOPPED names have none.
+
+-> ``migrations/`` (the tables and the transitions' plpgsql functions: ``ping``, ``stop_worker``,
+``start_worker``, ``claim``, ``claim_many``); the calls users make are described once in
+:mod:`batchloop.calls` and run by :mod:`batchloop.api` (async) and :mod:`batchloop.sync`.
 
 Generations and fencing
 -----------------------
@@ -54,6 +63,10 @@ lock is only the fast path that tells hosts who should run a name; the fence is 
 superseded or zombie loop harmless (for instance one whose control connection was terminated
 while its pool connection lived on). The worker's writes and the bookkeeping (``batches``,
 ``last_work_at``) are in that same transaction.
+
+-> :mod:`batchloop.runtime.iteration` (the whole transaction: ``BEGIN`` with ``book_batch`` in
+one message, the fence, the callables, go-idle, the closing statements sent with ``COMMIT``)
+over a driver's :class:`~batchloop.drivers.base.WorkConnection`.
 
 Revisions
 ---------
@@ -80,6 +93,9 @@ loop sent a few items in a hundred to the old one). For the same reason the fenc
 ``load_worker`` that follows reads callables of exactly that revision. A ping that changes
 nothing still writes and locks nothing.
 
+-> ``migrations/0004_state_revision.sql`` (the mirror), :mod:`batchloop.runtime.iteration`
+(the fence and the reload).
+
 Who is authoritative
 --------------------
 The database, always, with its own clock: deadlines (``next_run_at``) and heartbeats are
@@ -88,6 +104,9 @@ how long a loop has been cooling down since its last batch (counted from the dat
 ``now() - last_work_at`` at the claim and after every wake-up, then from its own batches; the
 cooldown only decides when to stop polling, and going idle is confirmed under the wake lock
 whatever it says).
+
+-> :mod:`batchloop.runtime.loop` (one name's schedule: sleep, re-arm from the database, failure
+backoff, release) and the pure decisions in :mod:`batchloop.runtime.decide`.
 
 No lost wakeup
 --------------
@@ -109,17 +128,24 @@ Under REPEATABLE READ or SERIALIZABLE the ping's snapshot may predate the go-idl
 reads the row ``FOR SHARE``: PostgreSQL then raises a serialization failure (40001) rather than
 return the stale status; retry the transaction as for any serialization failure.
 
+-> ``ping`` in ``migrations/`` (the shared lock and the re-read) and the go-idle step in
+:mod:`batchloop.runtime.iteration`.
+
 Notifications and their loss
 ----------------------------
 Wake-ups travel as ``NOTIFY batchloop:<schema>`` with payload ``w|s|r:<lock_key>:<name>``
-(wake, stop, released). Hosts ``LISTEN`` on their control connection. A notification can be
+(wake, stop, released). Receivers use only the kind and the name (a name may contain ``:``);
+hosts send their own ``r:`` goodbyes with the key left empty. Hosts ``LISTEN`` on their control
+connection. A notification can be
 missed (connection lost, host starting), so nothing depends on it for correctness:
 
 * after every (re)connection a host runs the monitor query at once;
 * the monitor runs every ``monitor_interval`` (0.5 s) on every host: one query for all names,
   returning running or due-waiting names whose lock nobody holds (claim them), and names whose
   owner's heartbeat is older than the name's ``monitor_lag`` (terminate that host's backends,
-  which frees its locks and aborts its open transactions, then claim);
+  which frees its locks and aborts its open transactions, and claim its names in the same
+  tick; a backend still on its way out makes that claim skip the name, and the next tick takes
+  it);
 * a host that releases a name (its loop went idle or was superseded) re-checks it at once,
   because a ping may have woken it while the lock was still held and the other hosts' claims
   failed.
@@ -137,6 +163,14 @@ A control connection whose state is in doubt (a timed-out statement, a missed he
 row deleted by another host) is terminated at once rather than reused, which hands its names to
 the other hosts immediately.
 
+-> :mod:`batchloop.runtime.session` (the control connection: open and verify, heartbeat,
+LISTEN, ending a lost session's backends on the server they were on, goodbye),
+:mod:`batchloop.runtime.wakeups` (the payload codec and the dispatcher),
+:mod:`batchloop.runtime.claims` (the ownership ledger: owned, being claimed, to re-check,
+lacking callables; claim, unlock, release), :mod:`batchloop.runtime.monitor` (orphans, frozen
+owners, privilege explanations), all composed by :mod:`batchloop.runtime.host` (configuration,
+start and stop, supervision of one control session at a time, drain on exit).
+
 Recovery bounds
 ---------------
 * Owner process dies or loses its connection: the server drops its session locks at once; the
@@ -148,4 +182,15 @@ Recovery bounds
 * A host exiting normally finishes in-flight batches within ``shutdown_grace``, releases its
   locks and NOTIFYs ``r:`` so another host claims immediately.
 * Waiting names keep their owner; if it dies, the monitor claims the name once it is due.
+
+-> :mod:`batchloop.runtime.host` and the rooms above; ``tests/test_failover.py``,
+``tests/test_faults.py`` and ``tests/test_ha.py`` measure the bounds.
+
+Without a host
+--------------
+``tick`` claims each due name exactly as a host does (session lock on its one connection,
+generation bump), drains it without cooldown polling until the query says idle or the budget
+ends, and releases it: it never runs beside a live loop.
+
+-> :mod:`batchloop.runtime.tick`.
 """
