@@ -368,7 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     add("migrate", cmd_migrate, "create or upgrade the batchloop schema (idempotent)")
-    add("sql", cmd_sql, "print the schema SQL, as migrate applies it to an empty database")
+    add(
+        "sql",
+        cmd_sql,
+        "print the current schema (batchloop/sql/schema.sql) as one script for a database "
+        "without it; migrate makes the same schema from the migrations",
+    )
 
     p = add("status", cmd_status, "show workers: all of them, or NAME")
     p.add_argument("name", nargs="?", metavar="NAME", help="one worker's name")

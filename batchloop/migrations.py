@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
@@ -21,7 +21,7 @@ from typing import Any
 from . import sql
 from .drivers.base import Row
 from .errors import SchemaMissingError, SchemaTooNewError
-from .plans import Query, Script, Step
+from .plans import Plan, Query, Script
 from .schema_name import check_schema
 
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
@@ -63,7 +63,7 @@ def _lock_key(schema: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
-def plan(schema: str) -> Generator[Step, Sequence[Row] | None, list[int]]:
+def plan(schema: str) -> Plan[list[int]]:
     """The migration, as steps; runs inside one transaction that the caller of run opens.
 
     When every migration is applied it only reads, so a role that may not create anything (an

@@ -1,9 +1,10 @@
-"""Turning rows into the public status models (shared by the async and sync APIs)."""
+"""Turning a status row into the public model (for :mod:`batchloop.calls`), and parsing the
+stored config (also the loop's)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -40,10 +41,6 @@ def to_status(row: Row) -> WorkerStatus:
         last_error_at=row["last_error_at"],
         created_at=row["created_at"],
     )
-
-
-def to_statuses(rows: Sequence[Row]) -> list[WorkerStatus]:
-    return [to_status(r) for r in rows]
 
 
 def parse_config(value: Any) -> Config:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -238,3 +239,11 @@ def test_migrations_and_schema_sql_make_the_same_catalog(dsn: str, second_dsn: s
             )
     # And migrate sees the written schema as up to date.
     assert bls.migrate(second_dsn) == []
+
+
+def test_no_parameter_is_inlined_into_a_comment() -> None:
+    # A value inlined into a "--" comment could end it with a newline and be read as SQL.
+    for name in sql._raw():
+        for line in sql.query(name, "s").splitlines():
+            comment = line.partition("--")[2]
+            assert not re.search(r"\$\d", comment), f"{name}: {line!r}"

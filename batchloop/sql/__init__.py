@@ -20,7 +20,14 @@ _PARAM = re.compile(r"\$(\d+)")
 def _raw() -> dict[str, str]:
     text = files(__package__).joinpath("queries.sql").read_text(encoding="utf-8")
     parts = _NAME.split(text)
-    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+    return {name: _code(body) for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+def _code(body: str) -> str:
+    """A query without its comment lines, which are for readers: they name parameters ("$1"),
+    and a value inlined into a comment could end it (a newline) and be read as SQL."""
+    lines = [line for line in body.splitlines() if not line.lstrip().startswith("--")]
+    return "\n".join(lines).strip()
 
 
 @cache
