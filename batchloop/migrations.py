@@ -95,24 +95,16 @@ def plan(schema: str) -> Plan[list[int]]:
 def schema_script(schema: str) -> str:
     """The current schema (``sql/schema.sql``) as one script for a database without it, wrapped
     as the runner applies a migration, with every migration recorded: what ``batchloop sql``
-    prints. tests/test_schema_sql.py checks that it and the migrations make the same catalog."""
+    prints. tests/test_sql.py checks that it and the migrations make the same catalog."""
     check_schema(schema)
-    return (
-        "\n\n".join(
-            [
-                f"-- batchloop schema {schema!r}, version {code_version()}, for a database without "
-                "it: the schema the\n-- migrations make, in one file (`batchloop migrate` applies "
-                "the migrations themselves).\n"
-                "-- Run it as one transaction, e.g. psql -v ON_ERROR_STOP=1 -f schema.sql",
-                "BEGIN;",
-                _prologue(schema),
-                _applied(schema, sql.schema().strip(), migrations()),
-                _epilogue(schema),
-                "COMMIT;",
-            ]
-        )
-        + "\n"
+    header = (
+        f"-- batchloop schema {schema!r} at version {code_version()}, for a database without it:\n"
+        "-- batchloop/sql/schema.sql, the schema the migrations make (`batchloop migrate` applies\n"
+        "-- the migrations themselves). Run it as one transaction: psql -v ON_ERROR_STOP=1 -f FILE"
     )
+    body = _applied(schema, sql.schema().strip(), migrations())
+    parts = [header, "BEGIN;", _prologue(schema), body, _epilogue(schema), "COMMIT;"]
+    return "\n\n".join(parts) + "\n"
 
 
 def _prologue(schema: str) -> str:

@@ -1,5 +1,5 @@
 -- The batchloop schema after migration 0004 (state_revision): what migrations/0001 to 0004 make,
--- in one file, to read (tests/test_schema_sql.py checks that both make the same catalog). A new
+-- in one file, to read (tests/test_sql.py checks that both make the same catalog). A new
 -- migration changes this file too. `batchloop sql` prints it, wrapped as the runner applies a
 -- migration; `batchloop migrate` applies the migrations themselves.
 -- Runs with search_path set to the target schema; functions pin it with SET search_path FROM CURRENT.
