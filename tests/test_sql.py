@@ -247,3 +247,12 @@ def test_no_parameter_is_inlined_into_a_comment() -> None:
         for line in sql.query(name, "s").splitlines():
             comment = line.partition("--")[2]
             assert not re.search(r"\$\d", comment), f"{name}: {line!r}"
+
+
+def test_session_script_is_for_queries_that_name_no_schema() -> None:
+    assert sql.session_script("server_keepalive", 10, 5, 3) == (
+        "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; "
+        "SET tcp_keepalives_count = 3"
+    )
+    with pytest.raises(ValueError, match="names the schema"):
+        sql.session_script("forget_host", "h")

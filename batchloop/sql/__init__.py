@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from functools import cache
 from importlib.resources import files
 
-from ..schema_name import quote_schema
+from ..schema_name import DEFAULT_SCHEMA, quote_schema
 
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 _PARAM = re.compile(r"\$(\d+)")
@@ -90,6 +90,13 @@ def inline(name: str, schema: str, *args: object) -> str | None:
         literals.append(lit)
     # In one pass, so that a "$1" inside a value inlined for $2 is not replaced in turn.
     return _PARAM.sub(lambda m: literals[int(m[1]) - 1], query(name, schema))
+
+
+def session_script(name: str, *args: object) -> str:
+    """A query about the connection itself (naming no schema object), its values inlined."""
+    if "{schema}" in _raw()[name]:
+        raise ValueError(f"query {name!r} names the schema: use script()")
+    return script(DEFAULT_SCHEMA, [(name, args)]).removesuffix(";")
 
 
 def script(schema: str, queries: Iterable[tuple[str, tuple[object, ...]]]) -> str:

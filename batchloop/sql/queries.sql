@@ -49,6 +49,17 @@ SELECT w.name, w.status, s.generation, w.work_query, w.worker, w.config::text AS
  WHERE ($1::text IS NULL OR w.name = $1)
  ORDER BY w.name
 
+-- Connection setup (batchloop/connect.py): no schema object, values inlined (SET takes none).
+
+-- name: server_keepalive
+-- Set after connecting, not sent as startup parameters: PgBouncer refuses a connection whose
+-- startup packet carries parameters it does not know ("unsupported startup parameter").
+SET tcp_keepalives_idle = $1; SET tcp_keepalives_interval = $2; SET tcp_keepalives_count = $3
+
+-- name: reset_session
+-- What asyncpg's pool resets on release, for psycopg connections too.
+SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL
+
 -- name: database
 -- Which database a connection reached, to check that a host's control_dsn and dsn agree.
 SELECT current_database() AS name, pg_postmaster_start_time() AS started,
