@@ -12,6 +12,12 @@ from pydantic import ValidationError
 from .drivers.base import Row
 from .models import Config, Owner, WorkerStatus
 
+_SAME_NAMED = (
+    *("name", "generation", "work_query", "worker", "last_work_at", "next_run_at", "batches"),
+    *("consecutive_failures", "last_error", "last_error_at", "created_at"),
+)
+"""The status query's columns that are WorkerStatus fields of the same name."""
+
 
 def to_status(row: Row) -> WorkerStatus:
     owner = None
@@ -25,21 +31,11 @@ def to_status(row: Row) -> WorkerStatus:
     except ValueError as exc:  # pydantic's ValidationError included
         config, config_error = Config(), config_problem(exc)
     return WorkerStatus(
-        name=row["name"],
+        **{column: row[column] for column in _SAME_NAMED},
         state=row["status"],
-        generation=row["generation"],
         owner=owner,
-        work_query=row["work_query"],
-        worker=row["worker"],
         config=config,
         config_error=config_error,
-        last_work_at=row["last_work_at"],
-        next_run_at=row["next_run_at"],
-        batches=row["batches"],
-        consecutive_failures=row["consecutive_failures"],
-        last_error=row["last_error"],
-        last_error_at=row["last_error_at"],
-        created_at=row["created_at"],
     )
 
 
