@@ -177,20 +177,20 @@ class TracingConnection(asyncpg.Connection):  # type: ignore[misc]
 def _deaf() -> None:
     """Make hosts in this process skip LISTEN: wake-ups then reach them only through the
     monitor query. batchloop has no switch for it; this swaps the control connection class
-    the host module uses for one whose ``listen`` does nothing."""
-    import batchloop.runtime.host as host_module
+    the control session module builds for one whose ``listen`` does nothing."""
+    import batchloop.runtime.session as session_module
     from batchloop.runtime.session import Control
 
-    if getattr(host_module, "Control", None) is not Control:
+    if not hasattr(session_module, "Sessions"):
         raise RuntimeError(
-            "batchloop.runtime.host no longer builds a Control: update bench/hosts.py"
+            "batchloop.runtime.session no longer builds a Control: update bench/hosts.py"
         )
 
     class DeafControl(Control):
         async def listen(self, callback: Any) -> None:
             return None
 
-    host_module.Control = DeafControl  # type: ignore[misc]
+    session_module.Control = DeafControl  # type: ignore[misc]
 
 
 class StampingHost(bl.Host):

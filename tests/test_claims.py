@@ -9,6 +9,7 @@ import asyncpg
 import pytest
 
 import batchloop as bl
+from batchloop.drivers.asyncpg_control import AsyncpgControl
 from batchloop.runtime.session import Control
 
 from helpers import count, wait_for
@@ -85,7 +86,7 @@ async def test_a_failed_batch_claim_gives_back_the_locks_it_took(migrated_dsn: s
         """
     )
     claimer = await asyncpg.connect(migrated_dsn)
-    control = Control(claimer, "batchloop")
+    control = Control(AsyncpgControl(claimer), "batchloop")
     with pytest.raises(asyncpg.RaiseError, match="boom"):
         await control.fetch("claim_many", ["first", "boom", "last"], "h1", [])
     assert await count(claimer, OUR_LOCKS) == 0

@@ -168,8 +168,9 @@ async def test_host_refuses_a_newer_schema_when_it_reconnects(
     async with bl.Host(migrated_dsn, modules=["jobs"]) as host:
         await wait_for(lambda: conn.fetchval("SELECT count(*) FROM done"), expect=5)
         await conn.execute(f"INSERT INTO batchloop.schema_migrations VALUES ({NEWER}, 'future')")
-        assert host._control is not None
-        await conn.execute("SELECT pg_terminate_backend($1)", host._control.pid)
+        control = host._current.control
+        assert control is not None
+        await conn.execute("SELECT pg_terminate_backend($1)", control.pid)
 
         def refused() -> bool:
             return any(

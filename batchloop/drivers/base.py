@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from ..errors import SchemaMissingError, SchemaTooNewError
@@ -104,3 +104,59 @@ def _message(exc: BaseException) -> str:
     diag = getattr(exc, "diag", None)
     primary = getattr(diag, "message_primary", None) or getattr(exc, "message", None)
     return str(primary or exc).strip()
+
+
+class ControlConnection(Protocol):
+    """The host's control connection, as its session (runtime/session.py) uses it: raw SQL
+    with a timeout, LISTEN, and notice of the connection's end. Implemented by
+    :class:`batchloop.drivers.asyncpg_control.AsyncpgControl`."""
+
+    @property
+    def raw(self) -> Any:
+        """The driver's own connection (``tick`` runs its iterations on it)."""
+        ...
+
+    def server_pid(self) -> int:
+        """The backend's pid, as the server announced it at connection start."""
+        ...
+
+    def where(self) -> str:
+        """Which server it reached (host:port), for the log."""
+        ...
+
+    def watch(self, on_lost: Callable[[], None]) -> None:
+        """Call ``on_lost`` once the connection is closed or broken."""
+        ...
+
+    def unwatch(self) -> None:
+        """Stop calling it (a borrowed connection outlives our use of it)."""
+        ...
+
+    async def fetch(self, sql: str, *args: Any, timeout: float) -> Sequence[Row]: ...
+
+    async def execute(self, sql: str, *, timeout: float) -> None:
+        """Run SQL text that may hold several statements and no parameters."""
+        ...
+
+    async def listen(self, channel: str, on_payload: Callable[[str], None]) -> None: ...
+
+    async def check_dedicated(self) -> None:
+        """Raise SessionRequiredError unless this is one server session nobody else uses."""
+        ...
+
+    async def keep_alive(self) -> None:
+        """Let the server, too, drop this client if it vanishes."""
+        ...
+
+    def terminate(self) -> None:
+        """Drop the connection now, without a goodbye to the server."""
+        ...
+
+    def is_closed(self) -> bool: ...
+
+    async def close(self, *, timeout: float) -> None: ...
+
+
+ControlConnector = Callable[[float | None, float], Awaitable[ControlConnection]]
+"""Opens a control connection: ``(retry_for, max_wait)``, retrying transient failures for
+``retry_for`` seconds (None: for ever), at most ``max_wait`` apart."""

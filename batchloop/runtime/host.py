@@ -3,6 +3,13 @@
 One ``Host`` per process is typical; several in one process behave like separate processes
 (each has its own control connection and so its own locks). See :mod:`batchloop.protocol` for
 the whole protocol.
+
+This module is the composition root of the runtime and implements the host's own part of
+:mod:`batchloop.protocol` ("Recovery bounds": one control session at a time, a fresh one after
+a loss; a host exiting normally finishes in-flight batches within ``shutdown_grace``, then
+releases its locks and NOTIFYs ``r:``). The rest is in rooms of its own: the control session
+(:mod:`.session`), wake-ups (:mod:`.wakeups`), the claims ledger (:mod:`.claims`) and the
+monitor (:mod:`.monitor`).
 """
 
 from __future__ import annotations
@@ -19,30 +26,29 @@ from types import TracebackType
 from typing import Any, Literal
 
 import anyio
-import asyncpg
 from anyio.abc import TaskGroup, TaskStatus
 
 from ..connect import (
     AsyncpgPool,
-    check_dedicated_session,
     connect,
     create_pool,
     create_psycopg_pool,
     libpq_params,
     redact,
-    server_keepalive,
-    server_of,
 )
 from ..drivers import _psycopg
 from ..drivers.asyncpg import AsyncpgLoopDriver
+from ..drivers.asyncpg_control import AsyncpgControl
 from ..drivers.base import LoopDriver, Session
-from ..drivers.errors import insufficient_privilege, server_error
 from ..errors import BatchloopError, SchemaTooNewError
-from ..migrations import check_version, code_version, refuse_newer
-from ..registry import host_running, import_modules, lookup, main_help, main_refs, refs
+from ..migrations import check_version
+from ..registry import host_running, import_modules
 from ..schema_name import DEFAULT_SCHEMA, check_schema
-from .loop import Bound, CallableMissing, LoopContext, NameLoop
-from .session import Control
+from .claims import Claims
+from .loop import LoopContext
+from .monitor import Monitor
+from .session import RECONNECT_OPEN_TIMEOUT, CurrentSession, HostIdentity, Sessions, heartbeat
+from .wakeups import Dispatcher, encode
 
 log = logging.getLogger("batchloop")
 
@@ -130,22 +136,19 @@ class Host:
         self._pool: Any = None
         self._tg: TaskGroup | None = None
         self._runner: asyncio.Task[None] | None = None
-        self._session_tg: TaskGroup | None = None
-        self._control: Control | None = None
-        self._loops: dict[str, NameLoop] = {}
-        self._claiming: set[str] = set()
-        self._recheck: set[str] = set()
-        self._unrunnable: set[tuple[str, str]] = set()
-        self._foreign: set[str] = set()
-        """Names whose callables this process lacks: wake-ups for them are left to others."""
-        self._closing = False
-        self._overflowed = False
-        self._zombie_control: set[tuple[int, str | None]] = set()
-        """Lost control sessions' (pid, server) that may live on at their server."""
-        self._cannot_end: set[str] = set()
-        """Frozen hosts this host's role may not terminate (already explained in the log)."""
-        self._drained = anyio.Event()
-        self._inbox_send, self._inbox = anyio.create_memory_object_stream[str](10_000)
+        self._identity = HostIdentity(self.host_id, self.hostname, self.pid, self.application_name)
+        # The rooms: each owns its state; they meet through the current session.
+        self._current = CurrentSession()
+        self._claims = Claims(self._current, self.host_id)
+        self._wakeups = Dispatcher(self._current, self._claims)
+        self._monitor = Monitor(
+            self._current,
+            self._claims,
+            self.host_id,
+            monitor_interval,
+            dropped_wakeups=self._wakeups.take_dropped,
+        )
+        self._sessions: Sessions | None = None
 
     # ------------------------------------------------------------------ public surface
 
@@ -159,7 +162,7 @@ class Host:
 
     def owned(self) -> set[str]:
         """Names whose loops this host runs right now."""
-        return set(self._loops)
+        return set(self._claims.loops)
 
     async def __aenter__(self) -> Host:
         import_modules(self.modules)
@@ -172,7 +175,7 @@ class Host:
         self._ctx = LoopContext(
             self._pool,
             self.schema,
-            self._release,
+            self._claims.release,
             driver,
             prepare=not self._pooled,
             application_name=self.application_name,
@@ -183,6 +186,18 @@ class Host:
                 found = await _schema_version(session)
                 self._database = await session.fetchrow("database")
             check_version(found, self.schema)
+            self._claims.ctx = self._ctx
+            self._sessions = Sessions(
+                self._connect_control,
+                self.schema,
+                self._identity,
+                on_notify=self._on_notify,
+                database=dict(self._database or {}) if self.control_dsn != self.dsn else None,
+                different_database=(
+                    f"control_dsn ({redact(self.control_dsn)}) and dsn ({redact(self.dsn)}) "
+                    "lead to different databases"
+                ),
+            )
             # The host's tasks live in a task of their own, so hosts can be entered and exited
             # in any order and a host failure never cancels the caller's code.
             ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -210,16 +225,19 @@ class Host:
         tb: TracebackType | None,
     ) -> bool | None:
         assert self._runner is not None and self._pool is not None
-        self._closing = True
+        assert self._sessions is not None
+        self._current.closing = True
         try:
             with anyio.CancelScope(shield=True):
-                released = [f"r:{loop.lock_key}:{loop.name}" for loop in self._loops.values()]
-                await self._drain_loops()
+                released = [encode("r", name) for name in self._claims.loops]
+                await self._claims.drain(self.shutdown_grace)
                 if self._tg is not None:
                     self._tg.cancel_scope.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._runner
-                await self._say_goodbye(released)
+                control, self._current.control = self._current.control, None
+                if control is not None:
+                    await self._sessions.say_goodbye(control, self._ctx.in_flight, released)
         finally:
             host_running(-1)
             self._runner = None
@@ -277,10 +295,11 @@ class Host:
         self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Keep a control session up; the loops live and die with it."""
-        first = True
+        assert self._sessions is not None
+        current, first = self._current, True
         while True:
             try:
-                control = await self._open_control(self.startup_timeout if first else None)
+                control = await self._sessions.open(self.startup_timeout if first else None)
             except SchemaTooNewError:
                 raise  # for good: retrying cannot help, and this code must not run on it
             except Exception:
@@ -293,20 +312,20 @@ class Host:
                 log.warning(
                     "host %s is back: control connection to %s (server started at epoch %s)",
                     self.host_id,
-                    server_of(control.conn),
+                    control.connection.where(),
                     control.server,
                 )
-            self._control = control
-            await self._end_zombies(control)
+            current.control = control
+            await self._sessions.end_zombies(control, self._ctx.in_flight)
             try:
                 async with anyio.create_task_group() as tg:
-                    self._session_tg = tg
-                    tg.start_soon(self._heartbeat, control)
-                    tg.start_soon(self._dispatch)
-                    await self._monitor_tick()
-                    tg.start_soon(self._monitor)
+                    current.tasks = tg
+                    tg.start_soon(heartbeat, control, self.host_id, self._heartbeat_every)
+                    tg.start_soon(self._wakeups.run)
+                    await self._monitor.tick()
+                    tg.start_soon(self._monitor.run)
                     if first:
-                        await self._name_main_module_workers(control)
+                        await self._claims.explain_main_module_workers(control)
                         task_status.started()
                         first = False
                     await control.lost.wait()
@@ -314,52 +333,16 @@ class Host:
             except Exception:
                 log.exception("host %s: control session failed", self.host_id)
             finally:
-                self._session_tg = None
-                self._loops.clear()
-                self._claiming.clear()
-                self._recheck.clear()
-                if not self._closing:
+                current.tasks = None
+                self._claims.forget_all()
+                if not current.closing:
                     control.fail()
                     with anyio.CancelScope(shield=True):
                         await self._forget_pool_connections()
-            if self._closing:
+            if current.closing:
                 return
-            self._zombie_control.add((control.pid, control.server))
+            self._sessions.lost(control)
             log.warning("host %s lost its control connection; reconnecting", self.host_id)
-
-    async def _end_zombies(self, control: Control) -> None:
-        """Before claiming anything, end what the previous session may have left running.
-
-        A control connection or iteration lost to a half-open socket can live on at the server,
-        holding the name's session lock or state row lock, and nobody else would end it: this
-        host's heartbeat is fresh again. So the host ends them itself.
-        """
-        here = control.server
-        old = [*self._zombie_control, *self._ctx.in_flight.items()]
-        old_control = [pid for pid, server in self._zombie_control if server == here]
-        old_work = [pid for pid, server in self._ctx.in_flight.items() if server == here]
-        self._zombie_control.clear()
-        self._ctx.in_flight.clear()
-        if len(old) > len(old_control) + len(old_work):
-            # After a failover: the old server's backends went with it (or are fenced off with
-            # it), and the same pids here are other sessions' backends.
-            log.info(
-                "host %s: %d backend(s) of its lost session were on another server; not "
-                "ending them here",
-                self.host_id,
-                len(old) - len(old_control) - len(old_work),
-            )
-        if not old_control and not old_work:
-            return
-        try:
-            ended = await control.fetchval(
-                "end_zombies", old_control, old_work, self.application_name, here
-            )
-        except Exception as exc:
-            log.warning("host %s: ending its old backends failed: %s", self.host_id, exc)
-            return
-        if ended:
-            log.warning("host %s ended %d backend(s) of its lost session", self.host_id, ended)
 
     async def _forget_pool_connections(self) -> None:
         """The control session is gone, and the server may be with it (a failover, a frozen
@@ -378,365 +361,18 @@ class Host:
         with anyio.move_on_after(RECONNECT_OPEN_TIMEOUT):
             await pool.drain()
 
-    async def _open_control(self, retry_for: float | None) -> Control:
-        conn = await connect(
-            self.control_dsn,
-            timeout=retry_for,
-            max_wait=4.0 if retry_for is not None else RECONNECT_MAX_WAIT,
-            **self._connect_kwargs,
+    async def _connect_control(self, retry_for: float | None, max_wait: float) -> AsyncpgControl:
+        return await AsyncpgControl.open(
+            self.control_dsn, timeout=retry_for, max_wait=max_wait, **self._connect_kwargs
         )
-        control = Control(conn, self.schema)
-        try:
-            with anyio.fail_after(RECONNECT_OPEN_TIMEOUT):
-                await self._set_up_control(conn, control)
-        except BaseException:
-            control.fail()
-            raise
-        return control
-
-    async def _set_up_control(self, conn: asyncpg.Connection, control: Control) -> None:
-        try:
-            await control.identify()
-            await check_dedicated_session(conn, self.control_dsn, **self._connect_kwargs)
-            await server_keepalive(conn)
-            if self.control_dsn != self.dsn and dict(
-                await control.fetchrow("database") or {}
-            ) != dict(self._database or {}):
-                raise BatchloopError(
-                    f"control_dsn ({redact(self.control_dsn)}) and dsn ({redact(self.dsn)}) "
-                    "lead to different databases"
-                )
-            # Every session, not just the first: a newer release may have migrated meanwhile.
-            refuse_newer(await control.fetchval("check_version", code_version()), self.schema)
-            await control.fetchval("register_host", self.host_id, self.hostname, self.pid)
-            await control.listen(self._on_notify)
-        except BaseException:
-            control.fail()
-            raise
-
-    async def _heartbeat(self, control: Control) -> None:
-        while True:
-            await anyio.sleep(self._heartbeat_every())
-            try:
-                alive = await control.fetchval("heartbeat", self.host_id)
-            except Exception as exc:
-                log.warning("host %s: heartbeat failed: %s", self.host_id, exc)
-                control.fail()
-                return
-            if alive is None:
-                log.error("host %s was declared dead by another host; resetting", self.host_id)
-                control.fail()
-                return
 
     def _heartbeat_every(self) -> float:
         """Often enough that no owned name's ``monitor_lag`` can pass between two beats."""
-        lags = [loop.bound.config.monitor_lag for loop in self._loops.values()]
+        lags = [loop.bound.config.monitor_lag for loop in self._claims.loops.values()]
         return max(0.1, min([self.heartbeat_interval, *(lag / 4 for lag in lags)]))
 
-    # ------------------------------------------------------------------ wake-ups
-
     def _on_notify(self, payload: str) -> None:
-        try:
-            self._inbox_send.send_nowait(payload)
-        except anyio.WouldBlock:
-            # A dropped wake-up may have been for a name we own and sleep on (waiting); the
-            # next monitor tick re-arms every owned loop from the database.
-            self._overflowed = True
-
-    async def _dispatch(self) -> None:
-        async for payload in self._inbox:
-            # Whatever else has arrived goes with it: a burst of pings is claimed in batches.
-            payloads = [payload]
-            with contextlib.suppress(anyio.WouldBlock):
-                while len(payloads) < CLAIM_BATCH:
-                    payloads.append(self._inbox.receive_nowait())
-            wanted: list[str] = []
-            for p in payloads:
-                kind, _, rest = p.partition(":")
-                _key, _, name = rest.partition(":")
-                loop = self._loops.get(name)
-                if kind == "s":
-                    if loop is not None:
-                        loop.stopping = True
-                        loop.wake()
-                elif kind in ("w", "r"):
-                    if loop is not None:
-                        loop.wake()
-                    elif name not in self._foreign:
-                        wanted.append(name)
-            claimed = await self._claim(wanted, handoff=True) if wanted else None
-            if claimed is not None:
-                # A wake-up is latency-bound: this task goes on into the loop it claimed at
-                # once, and a new task takes over the dispatching (started after the loop's
-                # first statement is on its way: starting a task costs more than sending it).
-                asyncio.get_running_loop().call_soon(self._successor, self._session_tg)
-                await claimed.run()
-                return
-
-    def _successor(self, tg: TaskGroup | None) -> None:
-        """Start the dispatcher that replaces one which went on into a loop."""
-        if tg is not None and tg is self._session_tg and not tg.cancel_scope.cancel_called:
-            tg.start_soon(self._dispatch)
-
-    # ------------------------------------------------------------------ claims
-
-    async def _monitor(self) -> None:
-        while True:
-            await anyio.sleep(self.monitor_interval)
-            await self._monitor_tick()
-
-    async def _monitor_tick(self) -> None:
-        """One query for all names: claim orphans, and end owners that stopped heartbeating."""
-        control = self._control
-        if control is None or self._closing or control.lost.is_set():
-            return
-        if self._overflowed:
-            self._overflowed = False
-            for loop in list(self._loops.values()):
-                loop.wake()
-        try:
-            rows = await control.fetch("orphans", 500, refs("work_query"), refs("worker"))
-        except Exception as exc:
-            log.warning("host %s: monitor query failed: %s", self.host_id, exc)
-            if not server_error(exc):
-                control.fail()  # timed out or broken: start a fresh session
-            return
-        wanted: list[str] = []
-        for row in rows:
-            name, stale = row["name"], row["stale_owner"]
-            if stale is not None:
-                if stale != self.host_id:
-                    await self._end_host(control, stale)
-            elif self._runnable(row["work_query"], row["worker"]):
-                self._foreign.discard(name)
-                wanted.append(name)
-        await self._claim(wanted)
-
-    async def _name_main_module_workers(self, control: Control) -> None:
-        try:
-            rows = await control.fetch("main_module_workers")
-        except Exception as exc:  # only a diagnostic: never a reason to fail the start
-            log.debug("host %s: main_module_workers failed: %s", self.host_id, exc)
-            return
-        for row in rows:
-            self._runnable(row["work_query"], row["worker"], row["name"])
-
-    def _runnable(self, query_ref: str, worker_ref: str, name: str | None = None) -> bool:
-        if lookup(query_ref, "work_query") and lookup(worker_ref, "worker"):
-            return True
-        if (query_ref, worker_ref) not in self._unrunnable:
-            self._unrunnable.add((query_ref, worker_ref))
-            unimportable = [
-                ref for ref in main_refs(query_ref, worker_ref) if not lookup(ref, "worker")
-                and not lookup(ref, "work_query")
-            ]
-            if unimportable:
-                log.error(
-                    "host %s cannot run %s: %s",
-                    self.host_id,
-                    repr(name) if name else "a worker",
-                    main_help(unimportable),
-                )
-                return False
-            log.warning(
-                "host %s does not run %s / %s: not registered here (pass their module in "
-                "Host(modules=...))",
-                self.host_id,
-                query_ref,
-                worker_ref,
-            )
-        return False
-
-    async def _end_host(self, control: Control, host_id: str) -> None:
-        try:
-            ended = await control.fetchval("terminate_host", f"batchloop/{host_id}")
-            await control.fetchval("forget_host", host_id)
-        except Exception as exc:
-            if not insufficient_privilege(exc):
-                log.error("host %s: could not end frozen host %s: %s", self.host_id, host_id, exc)
-                return
-            if host_id not in self._cannot_end:
-                self._cannot_end.add(host_id)
-                await self._explain_cannot_end(control, host_id, exc)
-            return
-        log.error(
-            "host %s stopped heartbeating; terminated its %s backend(s) to take over its names",
-            host_id,
-            ended,
-        )
-
-    async def _explain_cannot_end(self, control: Control, host_id: str, exc: BaseException) -> None:
-        """Said once per frozen host: it keeps its names until it resumes, dies or is ended."""
-        try:
-            row = await control.fetchrow("backend_roles", f"batchloop/{host_id}")
-        except Exception:
-            row = None
-        me = row["me"] if row else "this host's role"
-        theirs = row["theirs"] if row and row["theirs"] else "another role"
-        log.error(
-            "host %s cannot take over the names of frozen host %s: %s. Its backends run as %s, "
-            "which %s may not terminate: GRANT pg_signal_backend TO %s (not enough for "
-            "superuser backends), or run every host as the same role. Its names stay with it "
-            "until it resumes or its connections drop.",
-            self.host_id,
-            host_id,
-            exc,
-            theirs,
-            me,
-            me,
-        )
-
-    def _session_alive(self) -> bool:
-        control, tg = self._control, self._session_tg
-        return (
-            control is not None
-            and tg is not None
-            and not self._closing
-            and not control.lost.is_set()
-            and not tg.cancel_scope.cancel_called
-        )
-
-    async def _claim(
-        self, names: list[str], unlock: list[int] | None = None, *, handoff: bool = False
-    ) -> NameLoop | None:
-        """Claim ``names`` (those not already ours), after unlocking ``unlock``: one statement
-        per ``CLAIM_BATCH`` names; start their loops. With ``handoff``, one loop is returned
-        for the caller to run instead of being started."""
-        if not self._session_alive():
-            return None
-        names = list(dict.fromkeys(names))
-        # A name being claimed already may have been looked at before this wake-up's ping
-        # committed: look again once that claim is done (instead of waiting for the monitor).
-        self._recheck.update(n for n in names if n in self._claiming)
-        wanted = [n for n in names if n not in self._loops and n not in self._claiming]
-        self._claiming.update(wanted)
-        kept = None
-        try:
-            for i in range(0, max(len(wanted), 1), CLAIM_BATCH):
-                chunk, first = wanted[i : i + CLAIM_BATCH], i == 0
-                loop = await self._claim_batch(chunk, unlock if first else None, handoff and first)
-                kept = kept or loop
-        finally:
-            self._claiming.difference_update(wanted)
-        done = {n for n in self._recheck if n not in self._claiming}
-        self._recheck -= done
-        again = [n for n in done if n not in self._loops]
-        if again:
-            await self._claim(again)
-        return kept
-
-    async def _claim_batch(
-        self, names: list[str], unlock: list[int] | None, handoff: bool
-    ) -> NameLoop | None:
-        control, tg = self._control, self._session_tg
-        if (not names and not unlock) or not self._session_alive():
-            return None
-        assert control is not None and tg is not None
-        try:
-            rows = await control.fetch("claim_many", names, self.host_id, unlock or [])
-        except Exception as exc:
-            log.warning("host %s: claim of %s failed: %s", self.host_id, _some(names), exc)
-            if not server_error(exc):
-                # Did it take locks? Unknown: drop the session, and every lock.
-                control.fail()
-            elif unlock:
-                # The claims gave back what they took; the unlocks may not have happened.
-                await self._unlock(control, unlock)
-            return None
-        if not self._session_alive():
-            await self._unlock(control, [row["lock_key"] for row in rows])
-            return None
-        refused: list[int] = []
-        kept = None
-        for row in rows:
-            name = row["name"]
-            try:
-                bound = Bound.from_row(row)
-            except Exception as exc:
-                if isinstance(exc, CallableMissing):
-                    self._runnable(row["work_query"], row["worker"], name)
-                    self._foreign.add(name)
-                else:
-                    log.error("host %s: cannot run %r: %s", self.host_id, name, exc)
-                refused.append(row["lock_key"])
-                continue
-            loop = NameLoop.claimed(self._ctx, name, row, bound)
-            self._loops[name] = loop
-            log.debug("host %s claimed %r generation %d", self.host_id, name, loop.generation)
-            if handoff and kept is None:
-                kept = loop
-            else:
-                tg.start_soon(loop.run, name=f"batchloop:{name}")
-        if refused:
-            await self._unlock(control, refused)
-        return kept
-
-    async def _unlock(self, control: Control, keys: list[int]) -> None:
-        try:
-            await control.fetchval("unlock", keys)
-        except Exception as exc:
-            log.warning("host %s: unlock failed (%s); dropping the session", self.host_id, exc)
-            control.fail()
-
-    async def _release(self, loop: NameLoop) -> None:
-        """A loop ended: unlock its name and re-check it in one statement (a ping may have
-        raced the loop's end)."""
-        if self._loops.get(loop.name) is loop:
-            del self._loops[loop.name]
-        if not self._loops:
-            self._drained.set()
-        if not self._session_alive():
-            return  # closing keeps locks for the goodbye; a dying session loses them anyway
-        await self._claim([] if loop.unrunnable else [loop.name], unlock=[loop.lock_key])
-
-    # ------------------------------------------------------------------ shutdown
-
-    async def _drain_loops(self) -> None:
-        """Let in-flight iterations finish within the grace period; loops exit when done."""
-        if not self._loops:
-            return
-        self._drained = anyio.Event()
-        for loop in list(self._loops.values()):
-            loop.stopping = True
-            loop.wake()
-        with anyio.move_on_after(self.shutdown_grace):
-            await self._drained.wait()
-
-    async def _say_goodbye(self, released: list[str]) -> None:
-        control = self._control
-        self._control = None
-        if control is None or control.is_closed():
-            return
-        try:
-            here = [p for p, server in self._ctx.in_flight.items() if server == control.server]
-            if here:
-                # Iterations cancelled past the grace period: a backend may still be running
-                # a statement its client gave up on, holding its name's row lock.
-                await control.fetchval(
-                    "end_zombies", [], here, self.application_name, control.server
-                )
-            await control.release_all(self.host_id, released)
-        except Exception as exc:
-            log.warning("host %s: goodbye failed: %s", self.host_id, exc)
-        finally:
-            await control.conn.close(timeout=2.0)
-
-
-RECONNECT_MAX_WAIT = 0.5
-"""The longest pause between reconnect attempts (plus up to 0.25 s of jitter): a failover's new
-primary is up within seconds, and each attempt is cheap (refused, or one host's timeout)."""
-
-RECONNECT_OPEN_TIMEOUT = 10.0
-"""Setting up a new control session (a few quick statements) takes longer only on a bad server."""
-
-CLAIM_BATCH = 50
-"""Names claimed per statement: a burst of pings costs one round trip and one commit per this
-many names, each statement stays far below the control connection's statement timeout, and
-its subtransactions (one per name claimed) stay within PostgreSQL's per-backend cache of 64."""
-
-
-def _some(names: list[str]) -> str:
-    return repr(names[0]) if len(names) == 1 else f"{len(names)} names"
+        self._wakeups.on_notify(payload)
 
 
 def _module_names(modules: object) -> tuple[str, ...]:

@@ -21,6 +21,7 @@ from asyncpg.pool import PoolConnectionProxy
 from ..connect import check_dedicated_session, connect
 from ..drivers import _psycopg
 from ..drivers.asyncpg import AsyncpgSession
+from ..drivers.asyncpg_control import AsyncpgControl
 from ..errors import BatchloopError
 from ..migrations import code_version, refuse_newer
 from ..models import TickFailure, TickReport
@@ -105,7 +106,7 @@ def _check_connection(conn: object) -> None:
 
 async def _tick(conn: Any, wanted: set[str] | None, budget: float, schema: str) -> TickReport:
     deadline = anyio.current_time() + budget
-    control = Control(conn, schema)
+    control = Control(AsyncpgControl(conn), schema)
     try:
         return await _drain(control, wanted, deadline)
     finally:
