@@ -46,6 +46,10 @@ class Knobs:
     """Run a failing statement and catch its error (no savepoint) this many times."""
     commit_itself: int = 0
     """COMMIT the loop's transaction from inside the worker this many times."""
+    rollback_itself: int = 0
+    """ROLLBACK the loop's transaction from inside the worker this many times."""
+    pids: list[int] = field(default_factory=list)
+    """The server pid of each batch's connection."""
     drop_prepared: int = 0
     """DEALLOCATE batchloop's prepared book_batch from inside the worker this many times."""
     prepared_seen: list[int] = field(default_factory=list)
@@ -96,6 +100,7 @@ async def process_items(conn: Any, batch: list[int]) -> bl.Debounce | None:
     gen, pid = await conn.fetchrow(
         "SELECT generation, pg_backend_pid() FROM batchloop.worker_state WHERE name = $1", name
     )
+    k.pids.append(pid)
     await conn.execute(
         "INSERT INTO done (item_id, name, generation, pid, started) "
         "SELECT unnest($1::bigint[]), $2, $3, $4, $5",
@@ -124,6 +129,9 @@ async def process_items(conn: Any, batch: list[int]) -> bl.Debounce | None:
     if k.commit_itself > 0:
         k.commit_itself -= 1
         await conn.execute("COMMIT")
+    if k.rollback_itself > 0:
+        k.rollback_itself -= 1
+        await conn.execute("ROLLBACK")
     return bl.Debounce(k.debounce) if k.debounce is not None else None
 
 

@@ -24,6 +24,12 @@ class Knobs:
     """Run a failing statement and catch its error (no savepoint) this many times."""
     commit_itself: int = 0
     """COMMIT the loop's transaction from inside the worker this many times."""
+    rollback_itself: int = 0
+    """ROLLBACK the loop's transaction from inside the worker this many times."""
+    drop_prepared: int = 0
+    """DEALLOCATE batchloop's prepared book_batch from inside the worker this many times."""
+    prepared_seen: list[int] = field(default_factory=list)
+    """How many of batchloop's prepared statements each batch's session held."""
     server_sleep: float = 0.0
     """Seconds of ``pg_sleep`` in the worker, once (to be cut off by ``iteration_timeout``)."""
 
@@ -59,6 +65,14 @@ async def process_items(conn: psycopg.AsyncConnection[Any], batch: list[int]) ->
     k = knobs(name)
     k.conn_types.add(type(conn))
     k.pids.append(pid)
+    cur = await conn.execute(
+        "SELECT name FROM pg_prepared_statements WHERE name LIKE 'batchloop_book_%'"
+    )
+    ours = [r[0] for r in await cur.fetchall()]
+    k.prepared_seen.append(len(ours))
+    if k.drop_prepared > 0 and ours:
+        k.drop_prepared -= 1
+        await conn.execute(f"DEALLOCATE {ours[0]}".encode())
     await conn.execute(
         "INSERT INTO done (item_id, name, generation, pid, started) "
         "SELECT unnest(%s::bigint[]), %s, %s, %s, clock_timestamp()",
@@ -84,6 +98,9 @@ async def process_items(conn: psycopg.AsyncConnection[Any], batch: list[int]) ->
     if k.commit_itself > 0:
         k.commit_itself -= 1
         await conn.execute("COMMIT")
+    if k.rollback_itself > 0:
+        k.rollback_itself -= 1
+        await conn.execute("ROLLBACK")
 
 
 async def insert_and_ping(

@@ -194,20 +194,14 @@ def test_jitter_outside_unit_interval_raises(jitter: float) -> None:
 # after_confirm
 
 
-def test_after_confirm_with_work_runs_again_at_once() -> None:
-    decision = after_confirm(True, Idle(timeout=30.0))
-    assert isinstance(decision, RunAgain)
-    assert decision.delay == 0.0
-
-
 def test_after_confirm_without_work_and_timeout_goes_idle() -> None:
-    decision = after_confirm(False, Idle())
+    decision = after_confirm(Idle())
     assert decision == Sleep(None)
     assert isinstance(decision, Sleep) and decision.state == "idle"
 
 
 def test_after_confirm_without_work_with_timeout_waits() -> None:
-    decision = after_confirm(False, Idle(timeout=30.0))
+    decision = after_confirm(Idle(timeout=30.0))
     assert decision == Sleep(30.0)
     assert isinstance(decision, Sleep) and decision.state == "waiting"
 

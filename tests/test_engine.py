@@ -22,7 +22,6 @@ from jobs import (
     knobs,
     next_items,
     process_items,
-    savepoint_worker,
     typed_worker,
     undecorated,
 )
@@ -181,19 +180,6 @@ async def test_batch_annotation_mismatch_is_a_recorded_failure(migrated_dsn: str
         st = await wait_for(lambda: _failed_status(conn, "typed", 1))
         assert "does not match the `batch` annotation of jobs:typed_worker" in (st.last_error or "")
         assert st.batches == 0
-    await conn.close()
-
-
-async def test_iteration_timeout_cancels_and_counts_as_failure(migrated_dsn: str) -> None:
-    conn = await _setup(migrated_dsn)
-    knobs("slow").gate = asyncio.Event()  # never set: the batch would hang
-    async with bl.Host(migrated_dsn, modules=["jobs"]):
-        await insert_and_ping(conn, "slow", 1, config=bl.Config(iteration_timeout=0.3))
-        st = await wait_for(lambda: _failed_status(conn, "slow", 2))
-        assert "TimeoutError" in (st.last_error or "")
-        assert await _count(conn, "SELECT count(*) FROM done") == 0  # rolled back
-        knobs("slow").gate = None
-        await wait_for(lambda: _count(conn, "SELECT count(*) FROM done"), expect=1)
     await conn.close()
 
 
@@ -387,47 +373,6 @@ async def test_changed_callables_take_effect_on_a_running_loop(migrated_dsn: str
         st = await bl.status(conn, "swap")
         assert st is not None and st.worker == "jobs:typed_worker"
         assert await _count(conn, "SELECT count(*) FROM done") < 40
-    await conn.close()
-
-
-@pytest.mark.parametrize("name", ["nested", "odd $bl$ name$", "quote's \\ back"])
-async def test_worker_may_nest_transactions_and_any_name_works(
-    migrated_dsn: str, name: str
-) -> None:
-    """The loop's transaction is asyncpg's own, so conn.transaction() in a worker is a savepoint;
-    names that cannot be inlined into the fast path take the prepared-statement path."""
-    conn = await _setup(migrated_dsn)
-    async with bl.Host(migrated_dsn, modules=["jobs"]):
-        async with conn.transaction():
-            await conn.execute(
-                "INSERT INTO items (name) SELECT $1 FROM generate_series(1, 3)", name
-            )
-            await bl.ping(conn, name, next_items, savepoint_worker)
-        await wait_for(lambda: _count(conn, "SELECT count(*) FROM items"), expect=0)
-        assert await _count(conn, "SELECT count(*) FROM calls WHERE name = 'inside-savepoint'") == 0
-        st = await wait_for(lambda: bl.status(conn, name))
-        assert st.batches == 1 and st.consecutive_failures == 0
-    await conn.close()
-
-
-async def test_book_batch_is_prepared_once_per_session_and_survives_deallocate(
-    migrated_dsn: str,
-) -> None:
-    """Each batch begins by EXECUTE of a per-session prepared book_batch; if user code
-    deallocates it, the next batch books inline and prepares it again, without a failure."""
-    conn = await _setup(migrated_dsn)
-    name = "prepared"
-    k = knobs(name)
-    k.limit, k.drop_prepared = 10, 2
-    async with bl.Host(migrated_dsn, modules=["jobs"], pool_max_size=1):
-        await insert_and_ping(conn, name, 60)
-        st = await wait_for(lambda: bl.status(conn, name), expect=lambda s: s.state == "idle")
-    assert st is not None and st.batches == 6
-    assert st.consecutive_failures == 0 and st.last_error is None, st.last_error
-    # one connection: prepared, dropped; that batch books inline (0) and the next prepares
-    # again; dropped again; then prepared for good
-    assert k.prepared_seen == [1, 0, 1, 0, 1, 1], k.prepared_seen
-    assert await _count(conn, "SELECT count(DISTINCT item_id) FROM done") == 60
     await conn.close()
 
 

@@ -107,7 +107,8 @@ async def test_a_connection_dropped_at_begin_reports_its_own_error(migrated_dsn:
     up after the failed BEGIN used to fail with "connection has been released back to the
     pool", hiding why the iteration failed. The BEGIN's booking is held up on a row lock while
     its backend is terminated, so the drop comes in the middle of it."""
-    from batchloop.drivers.asyncpg import Iteration
+    from batchloop.drivers.asyncpg import AsyncpgWork
+    from batchloop.runtime.iteration import Transaction
 
     admin = await asyncpg.connect(migrated_dsn)
     await create_tables(admin)
@@ -120,7 +121,9 @@ async def test_a_connection_dropped_at_begin_reports_its_own_error(migrated_dsn:
     try:
         async with pool.acquire() as conn:
             pid = conn.get_server_pid()
-            it = Iteration(conn, "batchloop", "b", generation, 1, prepare=False)
+            it = Transaction(
+                AsyncpgWork(conn, "batchloop"), "batchloop", "b", generation, 1, prepare=False
+            )
             async with admin.transaction():
                 await admin.execute(
                     "SELECT 1 FROM batchloop.worker_state WHERE name = 'b' FOR UPDATE"

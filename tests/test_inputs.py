@@ -25,8 +25,6 @@ from batchloop.display import printable
 from batchloop.errors import BatchloopError
 from batchloop.models import MAX_SECONDS, Config, Owner, WorkerStatus
 
-from helpers import wait_for
-
 pytestmark = pytest.mark.anyio
 
 NUL_NAME = "bad\x00name"
@@ -90,24 +88,6 @@ async def test_a_failure_with_nul_or_surrogate_text_is_recorded_tick(migrated_ds
         st = await bl.status(conn, name)
         assert st is not None and st.consecutive_failures == 1
         assert st.last_error == "RuntimeError: bad\\x00byte and \\udc80 here"
-    finally:
-        await conn.close()
-
-
-async def test_a_failure_with_nul_text_is_recorded_psycopg_host(migrated_dsn: str) -> None:
-    name = "nul-psycopg"
-    input_jobs.MODES[name] = "fail"
-    input_jobs.ERRORS[name] = "\x00 at the start"
-    conn = await psycopg.AsyncConnection.connect(migrated_dsn, autocommit=True)
-    try:
-        async with bl.Host(migrated_dsn, modules=["input_jobs"], driver="psycopg"):
-            await _ping(conn, name)
-            st = await wait_for(
-                lambda: bl.status(conn, name),
-                expect=lambda s: s is not None and s.consecutive_failures >= 2,
-            )
-            assert st.last_error == "RuntimeError: \\x00 at the start"
-            await bl.stop(conn, name)
     finally:
         await conn.close()
 

@@ -11,7 +11,8 @@ import batchloop as bl
 from batchloop.drivers.asyncpg import AsyncpgLoopDriver
 from batchloop.models import Config
 from batchloop.registry import lookup
-from batchloop.runtime.loop import Bound, LoopContext, NameLoop
+from batchloop.runtime.iteration import LoadedWorker
+from batchloop.runtime.loop import LoopContext, NameLoop
 
 from helpers import count as _count
 from helpers import wait_for
@@ -144,7 +145,7 @@ async def test_a_returned_connection_leaves_the_zombie_list_and_a_broken_one_sta
     pool = await asyncpg.create_pool(migrated_dsn, min_size=1, max_size=2)
     try:
         ctx = LoopContext(pool, "batchloop", release, AsyncpgLoopDriver())
-        loop = NameLoop(ctx, "n", 1, 1, 2, Bound(1, query, worker, Config()), 0, 0.0)
+        loop = NameLoop(ctx, "n", 1, 1, 2, LoadedWorker(1, query, worker, Config()), 0, 0.0)
         leases = [pool.acquire(), pool.acquire()]
         conns = [await lease.__aenter__() for lease in leases]  # two distinct connections
         pids = [c.get_server_pid() for c in conns]

@@ -1,7 +1,10 @@
-"""Thin adapters from database drivers to the one small interface batchloop needs.
+"""Thin adapters from database drivers to the small interfaces batchloop needs.
 
-The loop, the host and the API speak only :class:`~batchloop.drivers.base.Session`; each
-driver module maps named queries and errors for one client library.
+The runtime and the API speak only the interfaces of :mod:`batchloop.drivers.base` (a
+``Session`` for named queries, a ``WorkConnection`` for an iteration's transaction, a
+``LoopDriver`` for a loop's connections) and classify failures with
+:mod:`batchloop.drivers.errors`; each adapter module maps them onto one client library, by
+composition (no adapter subclasses runtime code).
 """
 
 from __future__ import annotations
@@ -16,17 +19,13 @@ from .base import Session
 @asynccontextmanager
 async def session_for(conn: Any, schema: str) -> AsyncIterator[Session]:
     """A Session over an asyncpg Connection or Pool, or a psycopg AsyncConnection."""
-    import asyncpg
+    from .asyncpg import AsyncpgSession, is_connection, is_pool
 
-    if isinstance(conn, asyncpg.Pool):
+    if is_pool(conn):
         async with conn.acquire() as c:
-            from .asyncpg import AsyncpgSession
-
             yield AsyncpgSession(c, schema)
         return
-    if isinstance(conn, asyncpg.Connection) or _is_asyncpg_proxy(conn):
-        from .asyncpg import AsyncpgSession
-
+    if is_connection(conn):
         yield AsyncpgSession(conn, schema)
         return
     try:
@@ -42,12 +41,6 @@ async def session_for(conn: Any, schema: str) -> AsyncIterator[Session]:
         "conn must be an asyncpg Connection or Pool, or a psycopg AsyncConnection; "
         f"got {type(conn).__name__} (for a psycopg sync Connection use batchloop.sync)"
     )
-
-
-def _is_asyncpg_proxy(conn: Any) -> bool:
-    from asyncpg.pool import PoolConnectionProxy
-
-    return isinstance(conn, PoolConnectionProxy)
 
 
 __all__ = ["Session", "session_for"]

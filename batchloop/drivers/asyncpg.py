@@ -1,15 +1,18 @@
-"""asyncpg adapter: the runtime driver of hosts."""
+"""asyncpg adapter: the runtime driver of hosts (the seam is :mod:`batchloop.drivers.base`)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from .. import sql
-from ..runtime.iteration import SimpleIteration
 from .base import Row, translate
+
+log = logging.getLogger("batchloop")
 
 
 class AsyncpgSession:
@@ -47,86 +50,122 @@ class AsyncpgSession:
         await self._conn.execute(text)
 
 
-class Iteration(SimpleIteration):
-    """An iteration on an asyncpg connection.
+def _broken(conn: Any) -> bool:
+    try:
+        return bool(conn.is_closed())
+    except asyncpg.InterfaceError:
+        return True  # asyncpg already released a terminated connection back to its pool
 
-    asyncpg is told that the transaction we begin with our own text is one of its own (the only
+
+def _abandon(conn: Any) -> None:
+    try:
+        conn.terminate()  # a pool proxy forwards it
+    except Exception as exc:
+        log.debug("abandoning a connection failed: %r", exc)
+
+
+class AsyncpgWork:
+    """An asyncpg connection ready for one iteration's transaction
+    (:class:`~batchloop.drivers.base.WorkConnection`).
+
+    asyncpg is told that the transaction begun with our own text is one of its own (the only
     use of its internals here), so ``conn.transaction()`` inside user code still nests as a
     savepoint. When those internals are not as expected, the transaction goes through asyncpg's
     API and the named queries one by one instead.
     """
 
-    def __init__(
-        self, conn: Any, schema: str, name: str, generation: int, stop_key: int, *, prepare: bool
-    ) -> None:
-        super().__init__(conn, schema, name, generation, stop_key, prepare=prepare)
+    __slots__ = ("_conn", "_schema", "_tx", "session")
+
+    def __init__(self, conn: Any, schema: str) -> None:
+        self._conn = conn
+        self._schema = schema
+        self.session = AsyncpgSession(conn, schema)
         self._tx = conn.transaction(isolation="read_committed")
 
-    def _new_session(self, conn: Any, schema: str) -> AsyncpgSession:
-        return AsyncpgSession(conn, schema)
+    @property
+    def raw(self) -> Any:
+        return self._conn
 
     @property
-    def _can_send_text(self) -> bool:
+    def sends_text(self) -> bool:
         return _CAN_ADOPT
 
-    def _session_id(self) -> Any:
-        return getattr(self.conn, "_con", None) or self.conn  # a pool's proxy is short-lived
+    def server_session(self) -> object:
+        return getattr(self._conn, "_con", None) or self._conn  # a pool's proxy is short-lived
 
-    async def _send(self, text: str) -> str:
-        return str(await self.conn.execute(text))
+    async def send(self, text: str) -> str:
+        return str(await self._conn.execute(text))
 
-    async def _run(self, query: str, *args: Any) -> str:
-        return str(await self.conn.execute(sql.query(query, self._schema), *args))
+    async def execute(self, query: str, *args: Any) -> str:
+        return str(await self._conn.execute(sql.query(query, self._schema), *args))
 
-    async def _begin_plain(self) -> None:
+    async def begin(self) -> None:
         await self._tx.start()
 
-    async def _commit_plain(self) -> str:
+    async def commit(self) -> str:
         if _CAN_ADOPT:
-            return await self._send("COMMIT")
+            return await self.send("COMMIT")
         await self._tx.commit()
         return "COMMIT"
 
-    def _began(self) -> None:
+    async def rollback(self) -> None:
+        if _CAN_ADOPT:
+            if self.in_transaction():
+                await self.send("ROLLBACK")
+            self.ended_as_text()
+        elif self.in_transaction():
+            await self._tx.rollback()
+
+    def began_as_text(self) -> None:
         self._tx._state = TransactionState.STARTED
         self._tx._connection._top_xact = self._tx
 
-    def _ended(self) -> None:
+    def ended_as_text(self) -> None:
         if _CAN_ADOPT:
             self._tx._state = TransactionState.COMMITTED
             self._tx._connection._top_xact = None
 
-    def open(self) -> bool:
-        return bool(self.conn.is_in_transaction())
+    def in_transaction(self) -> bool:
+        return bool(self._conn.is_in_transaction())
 
-    async def rollback(self) -> None:
-        if _CAN_ADOPT:
-            await self._abort()
-        elif self.conn.is_in_transaction():
-            await self._tx.rollback()
+    def broken(self) -> bool:
+        return _broken(self._conn)
+
+    def abandon(self) -> None:
+        _abandon(self._conn)
 
 
 class AsyncpgLoopDriver:
     """Loops whose callables get asyncpg connections (from the host's asyncpg pool)."""
 
-    name = "asyncpg"
+    session = staticmethod(AsyncpgSession)
+    broken = staticmethod(_broken)
+    abandon = staticmethod(_abandon)
+    work = staticmethod(AsyncpgWork)
 
-    def session(self, conn: Any, schema: str) -> AsyncpgSession:
-        return AsyncpgSession(conn, schema)
-
-    def iteration(
-        self, conn: Any, schema: str, name: str, generation: int, stop_key: int, *, prepare: bool
-    ) -> Iteration:
-        return Iteration(conn, schema, name, generation, stop_key, prepare=prepare)
-
-    def pid(self, conn: Any) -> int:
+    @staticmethod
+    def pid(conn: Any) -> int:
         return int(conn.get_server_pid())
 
-    def broken(self, conn: Any) -> bool:
-        try:
-            return bool(conn.is_closed())
-        except asyncpg.InterfaceError:
-            return True  # asyncpg already released a terminated connection back to its pool
+
+def is_connection(conn: object) -> bool:
+    """An asyncpg Connection, or a pool's proxy of one."""
+    return isinstance(conn, asyncpg.Connection | PoolConnectionProxy)
+
+
+def is_pool(conn: object) -> bool:
+    return isinstance(conn, asyncpg.Pool)
+
+
+def in_transaction(conn: Any) -> bool:
+    """Whether ``conn`` (see :func:`is_connection`) is inside a transaction."""
+    return bool(conn.is_in_transaction())
+
+
+async def roll_back(conn: Any) -> None:
+    """End whatever transaction is open on ``conn`` (an iteration cut off mid-way)."""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
 
 
 try:

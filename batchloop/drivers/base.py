@@ -1,4 +1,7 @@
-"""The interface every driver implements, and the mapping of server errors to ours."""
+"""The driver seam: the interfaces every driver implements (a :class:`Session` for named
+queries, a :class:`WorkConnection` for an iteration's transaction, a :class:`LoopDriver` for a
+loop's connections), and the mapping of server errors to ours. The runtime composes these;
+only the adapters beside this module name a client library."""
 
 from __future__ import annotations
 
@@ -35,46 +38,81 @@ class Session(Protocol):
         ...
 
 
-class Iteration(Protocol):
-    """One loop iteration's transaction on a connection that user callables share."""
+class WorkConnection(Protocol):
+    """A pool connection as one iteration's transaction uses it: the I/O that
+    :class:`batchloop.runtime.iteration.Iteration` composes. An adapter wraps one connection
+    for one transaction; what to send, and when, is the runtime's."""
+
+    @property
+    def raw(self) -> Any:
+        """The driver's own connection, handed to the user's callables."""
+        ...
 
     @property
     def session(self) -> Session:
-        """Named queries inside the iteration's transaction."""
+        """Named queries (with parameters) inside the transaction."""
         ...
 
-    async def begin(self, revision: int) -> bool:
-        """Open the transaction (READ COMMITTED) and book a batch; False if the fence did
-        not match (then the loop runs the full fence inside the same transaction)."""
+    @property
+    def sends_text(self) -> bool:
+        """Whether BEGIN and COMMIT may go as text of ours, with other statements in the same
+        message (asyncpg: only while its transaction object can be told about it)."""
         ...
 
-    async def book(self, revision: int) -> bool:
-        """Book a batch after the full fence sorted things out."""
+    def server_session(self) -> object:
+        """An object that lives exactly as long as the server session behind the connection
+        (it keeps our prepared statements), weakly referenceable."""
         ...
 
-    def open(self) -> bool:
+    async def send(self, text: str) -> str:
+        """Run parameterless statements in one simple-protocol message; the last one's tag."""
+        ...
+
+    async def execute(self, query: str, *args: Any) -> str:
+        """Run the named query with parameters; its command tag."""
+        ...
+
+    async def begin(self) -> None:
+        """BEGIN (READ COMMITTED) the driver's own way."""
+        ...
+
+    async def commit(self) -> str:
+        """COMMIT the driver's own way; the command tag (``ROLLBACK`` if it was aborted)."""
+        ...
+
+    async def rollback(self) -> None:
+        """Roll back the transaction if one is open, the driver's own way."""
+        ...
+
+    def began_as_text(self) -> None:
+        """BEGIN went as our text: make it the driver's own transaction, so that
+        ``conn.transaction()`` in a callable nests as a savepoint."""
+        ...
+
+    def ended_as_text(self) -> None:
+        """The transaction ended by text the driver did not see (COMMIT or ROLLBACK)."""
+        ...
+
+    def in_transaction(self) -> bool:
         """Whether the transaction is still open (user code must not end it)."""
         ...
 
-    async def commit(self, *, unbook: bool, debounce: float = 0.0) -> None:
-        """Commit; ``unbook`` when no batch was processed, ``debounce`` to delay the next run."""
+    def broken(self) -> bool:
+        """Whether the connection is closed or lost, so rolling back on it is pointless."""
         ...
 
-    async def rollback(self) -> None: ...
+    def abandon(self) -> None:
+        """Close the connection at once, without a word to a server that does not answer."""
+        ...
 
 
 class LoopDriver(Protocol):
     """What a loop needs of the client library whose connections run the user's callables."""
 
-    name: str
-
     def session(self, conn: Any, schema: str) -> Session: ...
 
-    def iteration(
-        self, conn: Any, schema: str, name: str, generation: int, stop_key: int, *, prepare: bool
-    ) -> Iteration:
-        """``prepare``: keep ``book_batch`` prepared in each server session (not through a
-        transaction pooler, which moves a connection between server sessions)."""
+    def work(self, conn: Any, schema: str) -> WorkConnection:
+        """``conn`` ready for one iteration's transaction."""
         ...
 
     def pid(self, conn: Any) -> int:
@@ -83,6 +121,10 @@ class LoopDriver(Protocol):
 
     def broken(self, conn: Any) -> bool:
         """Whether ``conn`` is closed or lost, so rolling back on it is pointless."""
+        ...
+
+    def abandon(self, conn: Any) -> None:
+        """Close ``conn`` at once, without a word to a server that does not answer."""
         ...
 
 

@@ -38,6 +38,12 @@ def connection_lost(exc: BaseException) -> bool:
     return _psycopg.socket_gone(exc)
 
 
+def timed_out(exc: BaseException) -> bool:
+    """A time limit ran out (``iteration_timeout``, a driver's statement or connect timeout):
+    classed with the connection losses above (no traceback, retried), but named a timeout."""
+    return isinstance(exc, TimeoutError)
+
+
 def server_error(exc: BaseException) -> bool:
     """The server answered with an error: the connection itself is fine (unlike a timeout or a
     broken socket, after which its state is unknown)."""
@@ -48,4 +54,10 @@ def server_error(exc: BaseException) -> bool:
 
 def insufficient_privilege(exc: BaseException) -> bool:
     """The role may not do this (e.g. terminate another role's backends)."""
-    return getattr(exc, "sqlstate", None) == INSUFFICIENT_PRIVILEGE
+    return sqlstate(exc) == INSUFFICIENT_PRIVILEGE
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The server's SQLSTATE for an error it answered with (either driver); None for a failure
+    of the connection itself."""
+    return getattr(exc, "sqlstate", None)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 from .. import sql
-from ..runtime.iteration import SimpleIteration
 from ._psycopg import unavailable
 from .base import Row, translate
 
@@ -17,6 +17,8 @@ try:
     from psycopg.rows import dict_row
 except ImportError as exc:  # no psycopg, or no libpq for it
     raise unavailable("batchloop's psycopg driver", exc) from exc
+
+log = logging.getLogger("batchloop")
 
 
 def _params(args: tuple[Any, ...]) -> dict[str, Any]:
@@ -56,53 +58,88 @@ class PsycopgSession:
         await self._conn.execute(text.encode())
 
 
-class PsycopgIteration(SimpleIteration):
-    """An iteration on an autocommit psycopg connection. psycopg sends a query without
-    parameters as a simple-protocol message, and reads the connection's real transaction
-    status, so ``conn.transaction()`` in user code nests as a savepoint without any help."""
+def _broken(conn: Any) -> bool:
+    return bool(conn.closed or conn.broken)
 
-    def _new_session(self, conn: Any, schema: str) -> PsycopgSession:
-        return PsycopgSession(conn, schema)
 
-    def _session_id(self) -> Any:
-        return self.conn
+def _abandon(conn: Any) -> None:
+    try:
+        if getattr(conn, "pgconn", None) is not None:
+            conn.pgconn.finish()
+    except Exception as exc:
+        log.debug("abandoning a connection failed: %r", exc)
 
-    async def _send(self, text: str) -> str:
+
+class PsycopgWork:
+    """An autocommit psycopg connection ready for one iteration's transaction
+    (:class:`~batchloop.drivers.base.WorkConnection`). psycopg sends a query without parameters
+    as a simple-protocol message, and reads the connection's real transaction status, so
+    ``conn.transaction()`` in user code nests as a savepoint without any help."""
+
+    __slots__ = ("_conn", "_schema", "session")
+
+    sends_text = True
+
+    def __init__(self, conn: Any, schema: str) -> None:
+        self._conn = conn
+        self._schema = schema
+        self.session = PsycopgSession(conn, schema)
+
+    @property
+    def raw(self) -> Any:
+        return self._conn
+
+    def server_session(self) -> object:
+        return self._conn
+
+    async def send(self, text: str) -> str:
         # As str, in the connection's encoding; psycopg leaves "%" alone without parameters.
-        cur = await self.conn.execute(text)
+        cur = await self._conn.execute(text)
         while cur.nextset():
             pass
         return cur.statusmessage or ""
 
-    async def _run(self, query: str, *args: Any) -> str:
-        cur = await self.conn.execute(sql.pyformat(query, self._schema), _params(args))
+    async def execute(self, query: str, *args: Any) -> str:
+        cur = await self._conn.execute(sql.pyformat(query, self._schema), _params(args))
         return cur.statusmessage or ""
 
-    async def _begin_plain(self) -> None:
-        await self.conn.execute(b"BEGIN ISOLATION LEVEL READ COMMITTED")
+    async def begin(self) -> None:
+        await self._conn.execute(b"BEGIN ISOLATION LEVEL READ COMMITTED")
 
-    def open(self) -> bool:
-        return bool(self.conn.info.transaction_status != TransactionStatus.IDLE)
+    async def commit(self) -> str:
+        return await self.send("COMMIT")
+
+    async def rollback(self) -> None:
+        if self.in_transaction():
+            await self.send("ROLLBACK")
+
+    def began_as_text(self) -> None:
+        """psycopg reads the server's transaction status: nothing to tell it."""
+
+    def ended_as_text(self) -> None:
+        """psycopg reads the server's transaction status: nothing to tell it."""
+
+    def in_transaction(self) -> bool:
+        return bool(self._conn.info.transaction_status != TransactionStatus.IDLE)
+
+    def broken(self) -> bool:
+        return _broken(self._conn)
+
+    def abandon(self) -> None:
+        _abandon(self._conn)
 
 
 class PsycopgLoopDriver:
     """Loops whose callables get psycopg AsyncConnections (``Host(driver="psycopg")``)."""
 
-    name = "psycopg"
+    session = staticmethod(PsycopgSession)
+    broken = staticmethod(_broken)
+    abandon = staticmethod(_abandon)
+    work = staticmethod(PsycopgWork)
 
-    def session(self, conn: Any, schema: str) -> PsycopgSession:
-        return PsycopgSession(conn, schema)
-
-    def iteration(
-        self, conn: Any, schema: str, name: str, generation: int, stop_key: int, *, prepare: bool
-    ) -> PsycopgIteration:
-        return PsycopgIteration(conn, schema, name, generation, stop_key, prepare=prepare)
-
-    def pid(self, conn: Any) -> int:
+    @staticmethod
+    def pid(conn: Any) -> int:
         return int(conn.info.backend_pid)
-
-    def broken(self, conn: Any) -> bool:
-        return bool(conn.closed or conn.broken)
 
 
 class PsycopgPool:

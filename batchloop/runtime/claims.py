@@ -16,7 +16,8 @@ import anyio
 
 from ..drivers.errors import server_error
 from ..registry import lookup, main_help, main_refs
-from .loop import Bound, CallableMissing, LoopContext, NameLoop
+from .iteration import CallableMissing, LoadedWorker
+from .loop import LoopContext, NameLoop
 from .session import Control, CurrentSession
 
 log = logging.getLogger("batchloop")
@@ -162,7 +163,7 @@ class Claims:
         for row in rows:
             name = row["name"]
             try:
-                bound = Bound.from_row(row)
+                bound = LoadedWorker.from_row(row)
             except Exception as exc:
                 if isinstance(exc, CallableMissing):
                     self.runnable(row["work_query"], row["worker"], name)

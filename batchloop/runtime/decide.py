@@ -1,8 +1,9 @@
 """The loop's decisions as pure functions: given what happened and the clock, what next.
 
-No I/O here. ``loop.py`` carries the decisions out inside its transactions; the unit tests
-exercise every branch without a database. Durations are float seconds measured with the
-database's clock (``now()`` deltas), never a host's wall clock.
+No I/O here. ``iteration.py`` carries the decisions out inside its transactions, ``loop.py``
+the schedule between them; the unit tests exercise every branch without a database. Durations
+are float seconds measured with the database's clock (``now()`` deltas), never a host's wall
+clock.
 """
 
 from __future__ import annotations
@@ -67,8 +68,7 @@ def after_failure(failures: int, cap: float, jitter: float) -> RunAgain:
     return RunAgain(base * (0.5 + 0.5 * jitter), "retry")
 
 
-def after_confirm(found_work: bool, idle: Idle) -> Decision:
-    """The go-idle step re-ran the query while holding off pings."""
-    if found_work:
-        return RunAgain(0.0, "work arrived while going idle")
+def after_confirm(idle: Idle) -> Sleep:
+    """The go-idle step re-ran the query while holding off pings, and it still found nothing
+    (had it found work, the worker runs it as any batch: :func:`after_work`)."""
     return Sleep(idle.timeout)

@@ -368,7 +368,7 @@ class Host:
 
     def _heartbeat_every(self) -> float:
         """Often enough that no owned name's ``monitor_lag`` can pass between two beats."""
-        lags = [loop.bound.config.monitor_lag for loop in self._claims.loops.values()]
+        lags = [loop.config.monitor_lag for loop in self._claims.loops.values()]
         return max(0.1, min([self.heartbeat_interval, *(lag / 4 for lag in lags)]))
 
     def _on_notify(self, payload: str) -> None:

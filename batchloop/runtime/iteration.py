@@ -1,28 +1,57 @@
-"""One loop iteration's transaction, in as few round trips and as little server work as we can.
+"""One loop iteration: the whole transaction, issued from here (protocol sections "Generations
+and fencing", "Revisions" and "No lost wakeup"; the loop around it is
+:mod:`batchloop.runtime.loop`).
 
-``BEGIN`` travels with the bookkeeping fence (``book_batch``) in one simple-protocol message, and
-the closing statements travel with ``COMMIT``: no round trip of ours per batch beyond the two a
+Each iteration is a single transaction on a pool connection, READ COMMITTED:
+
+1. ``book_batch`` (sent with ``BEGIN``): the fence and the batch's bookkeeping in one write. It
+   matches only while the generation is still ours, the callables are the ones we loaded, the
+   worker runs and no stop is waiting; its row lock then holds claims and stops off until we
+   end. No match sends us to the full ``fence``, which tells superseded (leave without
+   writing), new callables (reload) and a due wake-up apart.
+2. Run the work query; on ``Work`` run the worker, then commit.
+3. On ``Idle`` within the cooldown: put the bookkeeping back (``unbook_batch``, sent with
+   ``COMMIT``) and poll again later. Past the cooldown: take the name's wake lock exclusively
+   (``try_go_idle``: it fails while any ping transaction is in flight, and then we poll again),
+   re-run the query with a fresh snapshot, and only if it still says idle, write idle or
+   waiting (which also puts the bookkeeping back).
+
+The worker's writes and the bookkeeping commit together or not at all; a failure rolls the
+iteration back and propagates to the loop, which records it.
+
+Round trips: ``BEGIN`` travels with ``book_batch`` in one simple-protocol message, and the
+closing statements travel with ``COMMIT``: no round trip of ours per batch beyond the two a
 transaction needs anyway. ``book_batch`` is prepared once per server session (``PREPARE``, then
 ``EXECUTE`` in that message), so the server plans it once instead of on every batch; that is
 most of what a batch costs batchloop on the server. Behind a transaction pooler, where a client
 connection changes server sessions, it is sent inlined instead. Both texts are built once per
-loop. The drivers supply the I/O: :class:`SimpleIteration` is everything else.
+loop. The driver supplies only the I/O (:class:`batchloop.drivers.base.WorkConnection`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import weakref
-from abc import ABC, abstractmethod
+from collections.abc import Sized
+from dataclasses import dataclass
 from functools import cache, lru_cache
 from typing import Any
 
 import anyio
 
 from .. import sql
-from ..drivers.base import Session
-from ..errors import TransactionAborted
+from ..drivers.base import Row, Session, WorkConnection
+from ..drivers.errors import sqlstate
+from ..errors import Superseded, TransactionAborted
+from ..models import Config, Debounce, Idle, Work
+from ..registry import Registered, lookup
+from ..status import parse_config
+from . import decide
+from .decide import Decision, RunAgain, Sleep
+
+log = logging.getLogger("batchloop")
 
 CLEANUP_TIMEOUT = 2.0
 """How long a cleanup step (a rollback) may wait on the server: a frozen one never answers.
@@ -32,7 +61,8 @@ DUPLICATE_PREPARED = "42P05"
 UNKNOWN_PREPARED = "26000"
 
 _PREPARED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
-"""Connections whose server session holds our prepared ``book_batch``, by schema."""
+"""Server sessions (:meth:`~batchloop.drivers.base.WorkConnection.server_session`) holding our
+prepared ``book_batch``, by schema."""
 
 
 @cache
@@ -91,18 +121,50 @@ def check_committed(tag: str, name: str) -> None:
         )
 
 
-def _sqlstate(exc: BaseException) -> str | None:
-    return getattr(exc, "sqlstate", None)
+class CallableMissing(Exception):
+    """A row names a callable this process did not register."""
 
 
-class SimpleIteration(ABC):
-    """The driver-independent part of an iteration; subclasses do the I/O."""
+@dataclass(slots=True)
+class LoadedWorker:
+    """The callables and config a loop runs with, loaded at one ``workers.revision``."""
 
-    session: Session
+    revision: int
+    query: Registered
+    worker: Registered
+    config: Config
+
+    @classmethod
+    def from_row(cls, row: Row) -> LoadedWorker:
+        query = lookup(row["work_query"], "work_query")
+        worker = lookup(row["worker"], "worker")
+        if query is None or worker is None:
+            missing = row["work_query"] if query is None else row["worker"]
+            raise CallableMissing(f"{missing} is not registered in this process")
+        config = row["config"]
+        parsed = _config(config) if isinstance(config, str) else parse_config(config)
+        return cls(row["revision"], query, worker, parsed)
+
+
+@lru_cache(maxsize=1024)
+def _config(text: str) -> Config:
+    """A stored config, parsed once per text: claims are on the wake-up's critical path, and a
+    Config is immutable, so loops may share one."""
+    return parse_config(text)
+
+
+def _empty(batch: object) -> bool:
+    """A batch with nothing in it: a sized value of length 0 (anything unsized is not)."""
+    return isinstance(batch, Sized) and len(batch) == 0
+
+
+class Transaction:
+    """The statements that open and close one iteration's transaction, in as few messages as
+    the driver allows: ``BEGIN`` with ``book_batch``, the closing statements with ``COMMIT``."""
 
     def __init__(
         self,
-        conn: Any,
+        io: WorkConnection,
         schema: str,
         name: str,
         generation: int,
@@ -110,100 +172,58 @@ class SimpleIteration(ABC):
         *,
         prepare: bool,
     ) -> None:
-        self.conn = conn
-        self.session = self._new_session(conn, schema)
+        self.io = io
         self._schema = schema
         self._name, self._generation, self._stop_key = name, generation, stop_key
         self._prepare = prepare
         self._simple = False
         """Whether BEGIN went as our own text (so COMMIT may go the same way)."""
 
-    # ---- the driver's part
-
-    @property
-    def _can_send_text(self) -> bool:
-        """Whether this iteration may send BEGIN and COMMIT as text of its own."""
-        return True
-
-    @abstractmethod
-    def _new_session(self, conn: Any, schema: str) -> Session:
-        """The driver's Session over ``conn``, for the named queries inside the iteration."""
-
-    @abstractmethod
-    def _session_id(self) -> Any:
-        """The object that lives as long as the server session (for prepared statements)."""
-
-    @abstractmethod
-    async def _send(self, text: str) -> str:
-        """Run parameterless statements in one message; the last one's command tag."""
-
-    @abstractmethod
-    async def _run(self, query: str, *args: Any) -> str:
-        """Run the named query with parameters; its command tag."""
-
-    @abstractmethod
-    async def _begin_plain(self) -> None:
-        """BEGIN (READ COMMITTED) the driver's own way."""
-
-    async def _commit_plain(self) -> str:
-        return await self._send("COMMIT")
-
-    def _began(self) -> None:  # noqa: B027 - a hook: only asyncpg needs to be told
-        """BEGIN was sent as text."""
-
-    def _ended(self) -> None:  # noqa: B027
-        """The transaction ended by text the driver did not see."""
-
-    @abstractmethod
-    def open(self) -> bool:
-        """Whether the transaction is still open (user code must not end it)."""
-
-    # ---- the iteration
-
     async def begin(self, revision: int) -> bool:
         """Open the transaction and book a batch; False if the fence did not match."""
+        io = self.io
         key = (self._schema, self._name, self._generation, revision, self._stop_key)
         text, prepared = None, False
-        if self._can_send_text:
+        if io.sends_text:
             prepared = self._prepare and await self._prepared()
             text = _begin_text(*key, prepared)
         if text is None:
-            await self._begin_plain()
+            await io.begin()
             try:
                 return await self.book(revision)
             except BaseException:
-                await self.rollback()
+                await io.rollback()
                 raise
         try:
             try:
-                tag = await self._send(text)
+                tag = await io.send(text)
             except Exception as exc:
-                if not prepared or _sqlstate(exc) != UNKNOWN_PREPARED:
+                if not prepared or sqlstate(exc) != UNKNOWN_PREPARED:
                     raise
                 # Deallocated under us (DEALLOCATE ALL, DISCARD ALL): inline it this time.
-                _PREPARED.pop(self._session_id(), None)
-                await self._abort()
-                tag = await self._send(_begin_text(*key, False) or "")
+                _PREPARED.pop(io.server_session(), None)
+                await io.rollback()
+                tag = await io.send(_begin_text(*key, False) or "")
         except BaseException:
             with anyio.move_on_after(CLEANUP_TIMEOUT, shield=True):
                 # The connection went (asyncpg may even have released it to the pool, which
                 # makes any call on it fail): the original error says why.
                 with contextlib.suppress(Exception):
-                    await self._abort()
+                    await io.rollback()
             raise
         self._simple = True
-        self._began()
+        io.began_as_text()
         return tag == "UPDATE 1"
 
     async def _prepared(self) -> bool:
         """Whether ``book_batch`` is prepared in this session, preparing it if not."""
-        session = self._session_id()
+        session = self.io.server_session()
         if self._schema in _PREPARED.get(session, ()):
             return True
         try:
-            await self._send(_book_statement(self._schema)[1])
+            await self.io.send(_book_statement(self._schema)[1])
         except Exception as exc:
-            state = _sqlstate(exc)
+            state = sqlstate(exc)
             if state is None:
                 raise  # the connection, not the statement
             if state != DUPLICATE_PREPARED:
@@ -213,8 +233,8 @@ class SimpleIteration(ABC):
 
     async def book(self, revision: int) -> bool:
         """``book_batch`` with parameters (after the full fence sorted things out)."""
-        tag = await self._run("book_batch", self._name, self._generation, revision, self._stop_key)
-        return tag == "UPDATE 1"
+        args = (self._name, self._generation, revision, self._stop_key)
+        return await self.io.execute("book_batch", *args) == "UPDATE 1"
 
     async def commit(self, *, unbook: bool, debounce: float = 0.0) -> None:
         """Commit; ``unbook`` when no batch was processed, ``debounce`` to delay the next run."""
@@ -222,20 +242,155 @@ class SimpleIteration(ABC):
         if self._simple:
             text = _commit_text(self._schema, self._name, self._generation, unbook, debounce)
         if text is not None:
-            tag = await self._send(text)
+            tag = await self.io.send(text)
         else:
             for query, args in closing(
                 self._name, self._generation, unbook=unbook, debounce=debounce
             ):
-                await self._run(query, *args)
-            tag = await self._commit_plain()
-        self._ended()
+                await self.io.execute(query, *args)
+            tag = await self.io.commit()
+        self.io.ended_as_text()
         check_committed(tag, self._name)
 
-    async def _abort(self) -> None:
-        if self.open():
-            await self._send("ROLLBACK")
-        self._ended()
-
     async def rollback(self) -> None:
-        await self._abort()
+        """A no-op once the transaction is over."""
+        await self.io.rollback()
+
+
+@dataclass(slots=True)
+class Iteration:
+    """One name's iteration, at its generation: :meth:`run` is one transaction."""
+
+    schema: str
+    name: str
+    generation: int
+    stop_key: int
+    loaded: LoadedWorker
+    """The callables and config in force; the fence replaces them on a new revision."""
+    prepare: bool = False
+    """Keep ``book_batch`` prepared on each connection (not behind a transaction pooler)."""
+    warned_empty: bool = False
+    """Whether this loop has logged that its work query returned an empty batch."""
+
+    async def run(self, io: WorkConnection, worked_at: float | None) -> tuple[Decision, bool]:
+        """One transaction on ``io``; what next, and whether a batch was processed.
+
+        ``worked_at``: ``anyio.current_time()`` of the last batch or wake, for the cooldown
+        (None: no cooldown polling, as in a tick's drain). Raises on failure, rolled back."""
+        # READ COMMITTED whatever the server default: the go-idle re-read needs a fresh snapshot.
+        tx = Transaction(
+            io, self.schema, self.name, self.generation, self.stop_key, prepare=self.prepare
+        )
+        booked = await tx.begin(self.loaded.revision)
+        try:
+            if not booked:
+                await self._fence(io.session)
+                if not await tx.book(self.loaded.revision):
+                    raise RuntimeError(f"loop {self.name!r}: its state changed while fencing")
+            timeout = self.loaded.config.iteration_timeout
+            if timeout is None:
+                decision, processed = await self._callables(io, worked_at)
+            else:
+                try:
+                    with anyio.fail_after(timeout) as limit:
+                        decision, processed = await self._callables(io, worked_at)
+                except TimeoutError as exc:
+                    if not limit.cancel_called:
+                        raise  # the callables' own TimeoutError, not ours
+                    # last_error says which limit, rather than a bare "TimeoutError".
+                    raise TimeoutError(f"iteration_timeout ({timeout:g} s) exceeded") from exc
+            if not io.in_transaction():
+                raise TransactionAborted(
+                    f"loop {self.name!r}: a callable ended the iteration's transaction (COMMIT "
+                    "or ROLLBACK on the connection it was given); the loop commits it"
+                )
+            went = isinstance(decision, Sleep)  # go_idle / go_waiting already unbooked
+            debounce = decision.delay if isinstance(decision, RunAgain) and processed else 0.0
+            await tx.commit(unbook=not processed and not went, debounce=debounce)
+        except BaseException:
+            with anyio.move_on_after(CLEANUP_TIMEOUT, shield=True) as scope:
+                if not io.broken():
+                    await tx.rollback()
+            if scope.cancelled_caught:
+                io.abandon()  # a frozen server: the pool replaces the connection
+            raise
+        return decision, processed
+
+    async def _fence(self, s: Session) -> None:
+        """Why booking failed: superseded (or a stop waiting), new callables, or a due wake-up."""
+        fence = await s.fetchrow("fence", self.name, self.generation, self.stop_key)
+        if fence is None:
+            raise Superseded(self.name)
+        if fence["revision"] != self.loaded.revision:
+            loaded = await s.fetchrow("load_worker", self.name)
+            assert loaded is not None  # the fence row joined it
+            self.loaded = LoadedWorker.from_row(loaded)
+        if fence["status"] == "waiting":
+            await s.fetchval("wake_from_timeout", self.name)
+
+    async def _callables(
+        self, io: WorkConnection, worked_at: float | None
+    ) -> tuple[Decision, bool]:
+        """Query, then worker or go-idle. True when a batch was processed."""
+        conn = io.raw
+        result = await self._query(conn)
+        if isinstance(result, Work):
+            return await self._process(conn, result), True
+        since_work = 1e9 if worked_at is None else anyio.current_time() - worked_at
+        decision = decide.after_idle(result, since_work)
+        if isinstance(decision, RunAgain):
+            return decision, False
+        if not await io.session.fetchval("try_go_idle", self.name):
+            return RunAgain(result.poll_interval, "ping in flight"), False
+        confirm = await self._query(conn)
+        if isinstance(confirm, Work):
+            log.debug("loop %r: work arrived while going idle", self.name)
+            return await self._process(conn, confirm), True
+        final = decide.after_confirm(confirm)
+        if final.timeout is None:
+            await io.session.fetchval("go_idle", self.name, self.generation)
+        else:
+            await io.session.fetchval(
+                "go_waiting", self.name, self.generation, float(final.timeout)
+            )
+        log.debug("loop %r goes %s", self.name, final.state)
+        return final, False
+
+    async def _query(self, conn: Any) -> Work[Any] | Idle:
+        result: object = await self.loaded.query.func(conn, self.name)
+        if not isinstance(result, Work | Idle):
+            raise TypeError(
+                f"work query {self.loaded.query.ref} returned {type(result).__name__}; "
+                "return batchloop.Work(batch) or batchloop.Idle()"
+            )
+        if not self.warned_empty and isinstance(result, Work) and _empty(result.batch):
+            # An empty batch is still work: the loop runs again at once, with no cooldown or
+            # idle, and spins. Once per loop, so a spinning loop does not flood the log too.
+            self.warned_empty = True
+            log.warning(
+                "loop %r: work query %s returned an empty batch (Work(%r)); the loop runs again "
+                "at once and spins: return batchloop.Idle() when there is nothing to do",
+                self.name,
+                self.loaded.query.ref,
+                result.batch,
+            )
+        return result
+
+    async def _process(self, conn: Any, work: Work[Any]) -> RunAgain:
+        batch = work.batch
+        adapter = self.loaded.worker.batch_adapter
+        if adapter is not None:
+            try:
+                batch = adapter.validate_python(batch)
+            except Exception as exc:
+                raise TypeError(
+                    f"batch from {self.loaded.query.ref} does not match the `batch` annotation "
+                    f"of {self.loaded.worker.ref}: {exc}"
+                ) from exc
+        ret = await self.loaded.worker.func(conn, batch)
+        if ret is not None and not isinstance(ret, Debounce):
+            raise TypeError(
+                f"worker {self.loaded.worker.ref} returned {type(ret).__name__}; "
+                "return None or batchloop.Debounce(seconds)"
+            )
+        return decide.after_work(ret)

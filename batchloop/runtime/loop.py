@@ -1,23 +1,12 @@
-"""One name's loop on its owning host: sleep, run one iteration transaction, decide, repeat.
+"""One name's loop on its owning host: its schedule (protocol sections "States" and "Recovery
+bounds").
 
-Each iteration is a single transaction on a pool connection, READ COMMITTED:
-
-1. ``book_batch`` (sent with ``BEGIN``): the fence and the batch's bookkeeping in one write. It
-   matches only while the generation is still ours, the callables are the ones we loaded, the
-   worker runs and no stop is waiting; its row lock then holds claims and stops off until we
-   end. No match sends us to the full ``fence``, which tells superseded (leave without
-   writing), new callables (reload) and a due wake-up apart.
-2. Run the work query; on ``Work`` run the worker, then commit.
-3. On ``Idle`` within the cooldown: put the bookkeeping back (``unbook_batch``, sent with
-   ``COMMIT``) and poll again later. Past the cooldown: take the name's wake lock exclusively
-   (``try_go_idle``: it fails while any ping transaction is in flight, and then we poll again),
-   re-run the query with a fresh snapshot, and only if it still says idle, write idle or
-   waiting (which also puts the bookkeeping back).
-
-The worker's writes and the bookkeeping commit together or not at all. A failure rolls the
-iteration back, then records the failure in a transaction of its own and retries with backoff.
-The decisions themselves are pure functions in :mod:`batchloop.runtime.decide`; the round-trip
-economy is each driver's (:class:`batchloop.drivers.base.Iteration`).
+Sleep until due (or poked), run one iteration (:mod:`batchloop.runtime.iteration`, which owns
+the whole transaction), act on its decision, repeat; keep the pool connection between
+iterations that follow each other without a pause; on a failure record it in a transaction of
+its own and retry with backoff, ending the backend of a connection lost mid-statement; release
+the name at the end. The decisions themselves are pure functions in
+:mod:`batchloop.runtime.decide`.
 """
 
 from __future__ import annotations
@@ -25,25 +14,21 @@ from __future__ import annotations
 import logging
 import random
 import traceback
-from collections.abc import Awaitable, Callable, Sized
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
-from functools import lru_cache
+from dataclasses import InitVar, dataclass, field
 from typing import Any, Protocol
 
 import anyio
 
 from ..connect import server_id
-from ..drivers.asyncpg import AsyncpgLoopDriver
-from ..drivers.base import LoopDriver, Row, Session
-from ..drivers.errors import connection_lost
-from ..errors import Superseded, TransactionAborted
-from ..models import Config, Debounce, Idle, Work
-from ..registry import Registered, lookup
-from ..status import parse_config
+from ..drivers.base import LoopDriver, Row
+from ..drivers.errors import connection_lost, timed_out
+from ..errors import Superseded
+from ..models import Config
 from . import decide
-from .decide import Decision, RunAgain, Sleep
-from .iteration import CLEANUP_TIMEOUT
+from .decide import Decision, Sleep
+from .iteration import CLEANUP_TIMEOUT, CallableMissing, Iteration, LoadedWorker
 
 log = logging.getLogger("batchloop")
 
@@ -65,54 +50,6 @@ def storable(text: str) -> str:
     return text
 
 
-def abandon(conn: Any) -> None:
-    """Close a connection at once, without a word to a server that does not answer."""
-    try:
-        if hasattr(conn, "terminate"):  # asyncpg (a pool proxy forwards it)
-            conn.terminate()
-        elif getattr(conn, "pgconn", None) is not None:  # psycopg
-            conn.pgconn.finish()
-    except Exception as exc:
-        log.debug("abandoning a connection failed: %r", exc)
-
-
-class CallableMissing(Exception):
-    """A row names a callable this process did not register."""
-
-
-@dataclass(slots=True)
-class Bound:
-    """The callables and config a loop runs with, at one ``workers.revision``."""
-
-    revision: int
-    query: Registered
-    worker: Registered
-    config: Config
-
-    @classmethod
-    def from_row(cls, row: Row) -> Bound:
-        query = lookup(row["work_query"], "work_query")
-        worker = lookup(row["worker"], "worker")
-        if query is None or worker is None:
-            missing = row["work_query"] if query is None else row["worker"]
-            raise CallableMissing(f"{missing} is not registered in this process")
-        config = row["config"]
-        parsed = _config(config) if isinstance(config, str) else parse_config(config)
-        return cls(row["revision"], query, worker, parsed)
-
-
-def _empty(batch: object) -> bool:
-    """A batch with nothing in it: a sized value of length 0 (anything unsized is not)."""
-    return isinstance(batch, Sized) and len(batch) == 0
-
-
-@lru_cache(maxsize=1024)
-def _config(text: str) -> Config:
-    """A stored config, parsed once per text: claims are on the wake-up's critical path, and a
-    Config is immutable, so loops may share one."""
-    return parse_config(text)
-
-
 class ConnectionSource(Protocol):
     """An asyncpg Pool, or anything else that lends connections the same way."""
 
@@ -126,7 +63,7 @@ class LoopContext:
     pool: ConnectionSource
     schema: str
     release: Callable[[NameLoop], Awaitable[None]]
-    driver: LoopDriver = field(default_factory=AsyncpgLoopDriver)
+    driver: LoopDriver
     """The client library of ``pool``'s connections, which the user's callables get."""
     prepare: bool = False
     """Keep ``book_batch`` prepared on each connection (not behind a transaction pooler)."""
@@ -147,12 +84,12 @@ class NameLoop:
     generation: int
     lock_key: int
     stop_key: int
-    bound: Bound
+    loaded: InitVar[LoadedWorker]
+    """The callables and config at the claim (then :attr:`iteration` keeps them current)."""
     failures: int
     first_delay: float
     poke: anyio.Event = field(default_factory=anyio.Event)
     stopping: bool = False
-    busy: bool = False
     unrunnable: bool = False
     once: bool = False
     """A tick's drain pass: no cooldown polling, stop at the first failure or sleep."""
@@ -162,8 +99,6 @@ class NameLoop:
     """Why run() returned: idle, waiting, superseded, failed, stopped, unrunnable, budget,
     cancelled."""
     batches: int = 0
-    warned_empty: bool = False
-    """Whether this loop has logged that its work query returned an empty batch."""
     last_error: str | None = None
     worked_at: float = 0.0
     """``anyio.current_time()`` of the last batch or wake, for the cooldown: set from the
@@ -174,10 +109,26 @@ class NameLoop:
     _held: tuple[AbstractAsyncContextManager[Any], Any] | None = None
     """A pool connection kept between iterations that follow each other without a pause,
     which spares a pool round trip (asyncpg resets connections on release) per batch."""
+    iteration: Iteration = field(init=False)
+
+    def __post_init__(self, loaded: LoadedWorker) -> None:
+        self.iteration = Iteration(
+            self.ctx.schema,
+            self.name,
+            self.generation,
+            self.stop_key,
+            loaded,
+            prepare=self.ctx.prepare,
+        )
+
+    @property
+    def config(self) -> Config:
+        """The config in force (the latest revision the iteration loaded)."""
+        return self.iteration.loaded.config
 
     @classmethod
     def claimed(
-        cls, ctx: LoopContext, name: str, row: Row, bound: Bound, **options: Any
+        cls, ctx: LoopContext, name: str, row: Row, loaded: LoadedWorker, **options: Any
     ) -> NameLoop:
         """The loop for a name just claimed; ``row`` is what ``claim()`` returned."""
         return cls(
@@ -186,7 +137,7 @@ class NameLoop:
             generation=row["generation"],
             lock_key=row["lock_key"],
             stop_key=row["stop_key"],
-            bound=bound,
+            loaded=loaded,
             failures=row["consecutive_failures"],
             first_delay=row["run_in"],
             worked_at=anyio.current_time() - row["since_work"],
@@ -216,11 +167,7 @@ class NameLoop:
                         break
                     delay = fresh
                     continue
-                self.busy = True
-                try:
-                    decision = await self._iterate_or_fail()
-                finally:
-                    self.busy = False
+                decision = await self._iterate_or_fail()
                 if decision is None:
                     break
                 if isinstance(decision, Sleep):
@@ -287,7 +234,10 @@ class NameLoop:
         pid, server = self.ctx.driver.pid(conn), server_id(conn)
         self.ctx.in_flight[pid] = server
         try:
-            decision = await self._transaction(conn)
+            io = self.ctx.driver.work(conn, self.ctx.schema)
+            decision, processed = await self.iteration.run(
+                io, None if self.once else self.worked_at
+            )
         except anyio.get_cancelled_exc_class():
             raise  # the pid stays listed: its backend may live on, locks and all
         except BaseException:
@@ -303,6 +253,10 @@ class NameLoop:
                     await self._end_backend(pid, server)
             raise
         self.ctx.in_flight.pop(pid, None)
+        if processed:
+            self.failures = 0
+            self.batches += 1
+            self.worked_at = anyio.current_time()
         return decision
 
     async def _end_backend(self, pid: int, server: str | None) -> None:
@@ -340,7 +294,8 @@ class NameLoop:
         with anyio.move_on_after(CLEANUP_TIMEOUT, shield=True) as scope:
             await held[0].__aexit__(None, None, None)
         if scope.cancelled_caught:
-            abandon(held[1])  # the server does not answer: do not wait for it any longer
+            # The server does not answer: do not wait for it any longer.
+            self.ctx.driver.abandon(held[1])
             return
         # A live connection came back reset (whatever a cancelled iteration left open is rolled
         # back): its backend is no zombie now, and may serve someone else's transaction next. A
@@ -348,142 +303,19 @@ class NameLoop:
         if pid is not None:
             self.ctx.in_flight.pop(pid, None)
 
-    async def _transaction(self, conn: Any) -> Decision:
-        # READ COMMITTED whatever the server default: the go-idle re-read needs a fresh snapshot.
-        it = self.ctx.driver.iteration(
-            conn,
-            self.ctx.schema,
-            self.name,
-            self.generation,
-            self.stop_key,
-            prepare=self.ctx.prepare,
-        )
-        booked = await it.begin(self.bound.revision)
-        try:
-            if not booked:
-                await self._fence(it.session)
-                if not await it.book(self.bound.revision):
-                    raise RuntimeError(f"loop {self.name!r}: its state changed while fencing")
-            timeout = self.bound.config.iteration_timeout
-            if timeout is None:
-                decision, processed = await self._run_callables(conn, it.session)
-            else:
-                try:
-                    with anyio.fail_after(timeout) as limit:
-                        decision, processed = await self._run_callables(conn, it.session)
-                except TimeoutError as exc:
-                    if not limit.cancel_called:
-                        raise  # the callables' own TimeoutError, not ours
-                    # last_error says which limit, rather than a bare "TimeoutError".
-                    raise TimeoutError(f"iteration_timeout ({timeout:g} s) exceeded") from exc
-            if not it.open():
-                raise TransactionAborted(
-                    f"loop {self.name!r}: a callable ended the iteration's transaction (COMMIT "
-                    "or ROLLBACK on the connection it was given); the loop commits it"
-                )
-            went = isinstance(decision, Sleep)  # go_idle / go_waiting already unbooked
-            debounce = decision.delay if isinstance(decision, RunAgain) and processed else 0.0
-            await it.commit(unbook=not processed and not went, debounce=debounce)
-        except BaseException:
-            with anyio.move_on_after(CLEANUP_TIMEOUT, shield=True) as scope:
-                if not self.ctx.driver.broken(conn):
-                    await it.rollback()  # a no-op once the transaction is over
-            if scope.cancelled_caught:
-                abandon(conn)  # a frozen server: the pool replaces the connection
-            raise
-        if processed:
-            self.failures = 0
-            self.batches += 1
-            self.worked_at = anyio.current_time()
-        return decision
-
-    async def _fence(self, s: Session) -> None:
-        """Why booking failed: superseded (or a stop waiting), new callables, or a due wake-up."""
-        fence = await s.fetchrow("fence", self.name, self.generation, self.stop_key)
-        if fence is None:
-            raise Superseded(self.name)
-        if fence["revision"] != self.bound.revision:
-            loaded = await s.fetchrow("load_worker", self.name)
-            assert loaded is not None  # the fence row joined it
-            self.bound = Bound.from_row(loaded)
-        if fence["status"] == "waiting":
-            await s.fetchval("wake_from_timeout", self.name)
-
-    async def _run_callables(self, conn: Any, s: Session) -> tuple[Decision, bool]:
-        """Query, then worker or go-idle. True when a batch was processed."""
-        result = await self._query(conn)
-        if isinstance(result, Work):
-            return await self._process(conn, result), True
-        since_work = 1e9 if self.once else anyio.current_time() - self.worked_at
-        decision = decide.after_idle(result, since_work)
-        if isinstance(decision, RunAgain):
-            return decision, False
-        if not await s.fetchval("try_go_idle", self.name):
-            return RunAgain(result.poll_interval, "ping in flight"), False
-        confirm = await self._query(conn)
-        if isinstance(confirm, Work):
-            log.debug("loop %r: work arrived while going idle", self.name)
-            return await self._process(conn, confirm), True
-        final = decide.after_confirm(False, confirm)
-        assert isinstance(final, Sleep)
-        if final.timeout is None:
-            await s.fetchval("go_idle", self.name, self.generation)
-        else:
-            await s.fetchval("go_waiting", self.name, self.generation, float(final.timeout))
-        log.debug("loop %r goes %s", self.name, final.state)
-        return final, False
-
-    async def _query(self, conn: Any) -> Work[Any] | Idle:
-        result: object = await self.bound.query.func(conn, self.name)
-        if not isinstance(result, Work | Idle):
-            raise TypeError(
-                f"work query {self.bound.query.ref} returned {type(result).__name__}; "
-                "return batchloop.Work(batch) or batchloop.Idle()"
-            )
-        if not self.warned_empty and isinstance(result, Work) and _empty(result.batch):
-            # An empty batch is still work: the loop runs again at once, with no cooldown or
-            # idle, and spins. Once per loop, so a spinning loop does not flood the log too.
-            self.warned_empty = True
-            log.warning(
-                "loop %r: work query %s returned an empty batch (Work(%r)); the loop runs again "
-                "at once and spins: return batchloop.Idle() when there is nothing to do",
-                self.name,
-                self.bound.query.ref,
-                result.batch,
-            )
-        return result
-
-    async def _process(self, conn: Any, work: Work[Any]) -> RunAgain:
-        batch = work.batch
-        adapter = self.bound.worker.batch_adapter
-        if adapter is not None:
-            try:
-                batch = adapter.validate_python(batch)
-            except Exception as exc:
-                raise TypeError(
-                    f"batch from {self.bound.query.ref} does not match the `batch` annotation "
-                    f"of {self.bound.worker.ref}: {exc}"
-                ) from exc
-        ret = await self.bound.worker.func(conn, batch)
-        if ret is not None and not isinstance(ret, Debounce):
-            raise TypeError(
-                f"worker {self.bound.worker.ref} returned {type(ret).__name__}; "
-                "return None or batchloop.Debounce(seconds)"
-            )
-        return decide.after_work(ret)
-
     async def _failed(self, exc: Exception) -> Decision | None:
         self.failures += 1
-        decision = decide.after_failure(
-            self.failures, self.bound.config.monitor_lag, random.random()
-        )
+        decision = decide.after_failure(self.failures, self.config.monitor_lag, random.random())
         lost, self._lost = connection_lost(exc) or self._lost, False
+        # A timeout (iteration_timeout above all) may close the connection too, but the
+        # timeout is what happened: say so rather than "connection lost".
+        why = ", timed out" if timed_out(exc) else ", connection lost" if lost else ""
         log.log(
             logging.WARNING if lost else logging.ERROR,
             "loop %r failed (%d in a row%s), retrying in %.2fs%s",
             self.name,
             self.failures,
-            ", connection lost" if lost else "",
+            why,
             decision.delay,
             f": {exc}" if lost else "",
             exc_info=None if lost else exc,

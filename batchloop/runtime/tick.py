@@ -3,7 +3,8 @@
 It claims each due name exactly like a host would (session lock, generation bump), so it never
 runs beside a live loop, drains it without cooldown polling until the work query says idle or
 the budget runs out, and releases it. A name whose iteration fails is reported and left for the
-next tick (or a host), with its failure recorded in ``status``.
+next tick (or a host), with its failure recorded in ``status``. (No protocol section of its
+own: it claims as "Notifications and their loss" describes, and runs the host's loop.)
 """
 
 from __future__ import annotations
@@ -15,30 +16,32 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-import asyncpg
-from asyncpg.pool import PoolConnectionProxy
 
 from ..connect import check_dedicated_session, connect
 from ..drivers import _psycopg
-from ..drivers.asyncpg import AsyncpgSession
+from ..drivers import asyncpg as asyncpg_driver
 from ..drivers.asyncpg_control import AsyncpgControl
 from ..errors import BatchloopError
 from ..migrations import code_version, refuse_newer
 from ..models import TickFailure, TickReport
 from ..registry import lookup, refs
 from ..schema_name import DEFAULT_SCHEMA, check_name, check_schema
-from .loop import Bound, LoopContext, NameLoop
+from .iteration import LoadedWorker
+from .loop import LoopContext, NameLoop
 from .session import Control
+
+_DRIVER = asyncpg_driver.AsyncpgLoopDriver()
+"""tick runs on asyncpg: its own connection, or the caller's (checked by _check_connection)."""
 
 
 class _OneConnection:
     """Lends the tick's single connection to the loop, one iteration at a time."""
 
-    def __init__(self, conn: asyncpg.Connection) -> None:
+    def __init__(self, conn: Any) -> None:
         self._conn = conn
 
     @asynccontextmanager
-    async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
+    async def acquire(self) -> AsyncIterator[Any]:
         yield self._conn
 
 
@@ -86,9 +89,9 @@ def _names(names: object) -> Iterable[object]:
 def _check_connection(conn: object) -> None:
     """Only an asyncpg connection outside a transaction: the loop sends its own BEGIN and
     COMMIT on it, which would commit (or roll back) the caller's open transaction."""
-    if not isinstance(conn, asyncpg.Connection | PoolConnectionProxy):
+    if not asyncpg_driver.is_connection(conn):
         hint = ""
-        if isinstance(conn, asyncpg.Pool):
+        if asyncpg_driver.is_pool(conn):
             hint = " (acquire a connection from the pool, or pass the DSN)"
         elif _psycopg.is_connection(conn):
             hint = " (psycopg connections are not supported here: pass the DSN)"
@@ -96,7 +99,7 @@ def _check_connection(conn: object) -> None:
             "tick() takes a DSN string, None (the PG* environment) or an asyncpg Connection, "
             f"got {type(conn).__name__}{hint}"
         )
-    if conn.is_in_transaction():
+    if asyncpg_driver.in_transaction(conn):
         raise BatchloopError(
             "tick() needs a connection outside any transaction: it runs and commits "
             "transactions of its own on it, which would commit yours; call it after your "
@@ -129,8 +132,7 @@ async def _drain(control: Control, wanted: set[str] | None, deadline: float) -> 
         await _classify_not_due(conn, schema, wanted - set(due), report)
 
     async def release(loop: NameLoop) -> None:
-        if conn.is_in_transaction():  # only if an iteration was cut off mid-way
-            await conn.execute("ROLLBACK")
+        await asyncpg_driver.roll_back(conn)  # only if an iteration was cut off mid-way
         await control.fetchval("unlock", [loop.lock_key])
 
     for name in due:
@@ -141,13 +143,13 @@ async def _drain(control: Control, wanted: set[str] | None, deadline: float) -> 
             report.busy.append(name)
             continue
         try:
-            bound = Bound.from_row(row)
+            loaded = LoadedWorker.from_row(row)
         except Exception as exc:
             await control.fetchval("unlock", [row["lock_key"]])
             report.failed.append(TickFailure(name=name, error=str(exc)))
             continue
-        ctx = LoopContext(_OneConnection(conn), schema, release)
-        loop = NameLoop.claimed(ctx, name, row, bound, once=True, deadline=deadline)
+        ctx = LoopContext(_OneConnection(conn), schema, release, _DRIVER)
+        loop = NameLoop.claimed(ctx, name, row, loaded, once=True, deadline=deadline)
         try:
             await loop.run()
         finally:
@@ -161,7 +163,7 @@ async def _drain(control: Control, wanted: set[str] | None, deadline: float) -> 
 
 async def _classify_not_due(conn: Any, schema: str, names: set[str], report: TickReport) -> None:
     """Asked-for names that are not claimable: quiet (nothing to do), busy, or unrunnable here."""
-    s = AsyncpgSession(conn, schema)
+    s = _DRIVER.session(conn, schema)
     for name in sorted(names):
         row = await s.fetchrow("status", name)
         if row is None:
