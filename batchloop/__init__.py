@@ -4,7 +4,7 @@ See README.md for usage and :mod:`batchloop.protocol` for how it works.
 """
 
 from ._version import __version__
-from .api import list_workers, ping, start, status, stop
+from .api import list_workers, migrate, ping, start, status, stop
 from .errors import (
     BatchloopError,
     NotRegisteredError,
@@ -12,7 +12,6 @@ from .errors import (
     SchemaTooNewError,
     SessionRequiredError,
 )
-from .migrations import migrate
 from .models import Config, Debounce, Idle, Owner, TickReport, Work, WorkerStatus
 from .registry import work_query, worker
 from .runtime.host import Host

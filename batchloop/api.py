@@ -1,47 +1,27 @@
-"""The calls users make from their own transactions: ping, stop, start, status."""
+"""The calls users make from their own transactions: ping, stop, start, status, and migrate.
+
+Each is described once in :mod:`batchloop.calls`; this module runs the descriptions on an async
+driver's session (asyncpg, or a psycopg AsyncConnection), as :mod:`batchloop.sync` does on a
+sync one.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, TypeVar
 
+from . import calls
+from .calls import PingResult
 from .drivers import session_for
-from .drivers.base import Row, Session
-from .migrations import code_version, refuse_newer
 from .models import Config, WorkerStatus
-from .registry import resolve_callable, warn_unhostable
-from .schema_name import DEFAULT_SCHEMA, check_name, check_schema
-from .status import to_status, to_statuses
+from .plans import Plan, run
+from .schema_name import DEFAULT_SCHEMA, check_schema
 
-PingResult = Literal["created", "woken", "updated", "unchanged"]
-_DEFAULT_CONFIG = Config().model_dump_json()
+log = logging.getLogger("batchloop")
+T = TypeVar("T")
 
-
-def ping_args(
-    name: str, work_query: Callable[..., Any], worker: Callable[..., Any], config: Config | None
-) -> tuple[Any, ...]:
-    """Validated arguments of the ``ping`` query; raises before any SQL runs."""
-    check_name(name)
-    if config is not None and not isinstance(config, Config):
-        raise TypeError(f"config must be a batchloop.Config, got {type(config).__name__}")
-    query_ref = resolve_callable(work_query, "work_query")
-    worker_ref = resolve_callable(worker, "worker")
-    warn_unhostable(query_ref, worker_ref)
-    # Validated again: model_construct() (or a mutated copy) skips validation, and what is
-    # stored must parse back, or status and the loop would refuse the row later.
-    config_json = None
-    if config is not None:
-        valid = Config.model_validate(config.model_dump(warnings=False))
-        config_json = valid.model_dump_json()
-    return (name, query_ref, worker_ref, config_json, _DEFAULT_CONFIG, code_version())
-
-
-def checked(row: Row | None, schema: str) -> Any:
-    """The result of a ping, stop or start query, which skips its call and returns the newest
-    recorded migration when that is newer than this code (see queries.sql): then raise."""
-    assert row is not None  # one row always
-    refuse_newer(row["newest"], schema)
-    return row["result"]
+__all__ = ["PingResult", "list_workers", "migrate", "ping", "start", "status", "stop"]
 
 
 async def ping(
@@ -59,11 +39,7 @@ async def ping(
     callables or config (without ``config`` the stored one is kept), wakes an idle or waiting
     worker; a no-op, writing nothing, while the worker runs or is stopped.
     """
-    args = ping_args(name, work_query, worker, config)
-    check_schema(schema)
-    async with session_for(conn, schema) as s:
-        result: PingResult = checked(await s.fetchrow("ping", *args), schema)
-    return result
+    return await _run(conn, schema, calls.ping(name, work_query, worker, config, schema))
 
 
 async def stop(conn: Any, name: str, *, schema: str = DEFAULT_SCHEMA) -> bool:
@@ -72,9 +48,7 @@ async def stop(conn: Any, name: str, *, schema: str = DEFAULT_SCHEMA) -> bool:
     Waits for an in-flight batch to commit or roll back. Returns False when there is no such
     worker; idempotent otherwise.
     """
-    check_name(name)
-    async with session_for(conn, check_schema(schema)) as s:
-        return bool(checked(await s.fetchrow("stop", name, code_version()), schema) != "missing")
+    return await _run(conn, schema, calls.stop(name, schema))
 
 
 async def start(conn: Any, name: str, *, schema: str = DEFAULT_SCHEMA) -> bool:
@@ -82,26 +56,42 @@ async def start(conn: Any, name: str, *, schema: str = DEFAULT_SCHEMA) -> bool:
 
     Returns False when there is no such worker.
     """
-    check_name(name)
-    async with session_for(conn, check_schema(schema)) as s:
-        return bool(checked(await s.fetchrow("start", name, code_version()), schema) != "missing")
+    return await _run(conn, schema, calls.start(name, schema))
 
 
 async def status(conn: Any, name: str, *, schema: str = DEFAULT_SCHEMA) -> WorkerStatus | None:
     """The worker ``name``, or None if no ping ever created it."""
-    check_name(name)
-    async with session_for(conn, check_schema(schema)) as s:
-        await _check_version(s)
-        row = await s.fetchrow("status", name)
-    return to_status(row) if row is not None else None
+    return await _run(conn, schema, calls.status(name, schema))
 
 
 async def list_workers(conn: Any, *, schema: str = DEFAULT_SCHEMA) -> list[WorkerStatus]:
     """Every worker, ordered by name."""
-    async with session_for(conn, check_schema(schema)) as s:
-        await _check_version(s)
-        return to_statuses(await s.fetch("status", None))
+    return await _run(conn, schema, calls.list_workers(schema))
 
 
-async def _check_version(s: Session) -> None:
-    refuse_newer(await s.fetchval("check_version", code_version()), s.schema)
+async def migrate(dsn_or_conn: Any = None, *, schema: str = DEFAULT_SCHEMA) -> list[int]:
+    """Create or upgrade the batchloop schema; returns the versions applied (idempotent).
+
+    ``dsn_or_conn``: a DSN string (None: the ``PG*`` environment), or an asyncpg Connection or
+    psycopg AsyncConnection. Safe when several processes migrate at once.
+    """
+    check_schema(schema)
+    if dsn_or_conn is None or isinstance(dsn_or_conn, str):
+        from .connect import connect
+
+        conn = await connect(dsn_or_conn, timeout=10.0)
+        try:
+            return await migrate(conn, schema=schema)
+        finally:
+            await conn.close()
+    plan = calls.migrate(schema)
+    async with session_for(dsn_or_conn, schema) as s, s.raw.transaction():
+        done = await run(s, plan)
+    if done:
+        log.info("migrated schema %s: applied %s", schema, done)
+    return done
+
+
+async def _run(conn: Any, schema: str, plan: Plan[T]) -> T:
+    async with session_for(conn, schema) as s:
+        return await run(s, plan)

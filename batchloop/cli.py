@@ -28,11 +28,11 @@ from pydantic import TypeAdapter
 from . import sync
 from ._version import __version__
 from .connect import ConnectError
-from .display import printable
+from .display import format_status_table
 from .drivers import _psycopg
 from .dsn import DsnError, parse, scrub
 from .errors import BatchloopError, SchemaMissingError
-from .migrations import Query, Script, code_version, plan
+from .migrations import code_version, schema_script
 from .models import WorkerStatus
 from .registry import main_help, main_refs, refs
 from .schema_name import DEFAULT_SCHEMA, check_schema
@@ -79,78 +79,14 @@ def resolve_dsn(given: str | None) -> str | None:
 
 
 def schema_sql(schema: str = DEFAULT_SCHEMA) -> str:
-    """The schema as one script, wrapped as ``migrate`` applies it to an empty database."""
-    check_schema(schema)
-    steps = plan(schema)
-    parts = [
-        f"-- batchloop schema {schema!r}, version {code_version()}, for a database without it.\n"
-        "-- `batchloop migrate` applies the same steps, skipping versions already applied.\n"
-        "-- Run it as one transaction, e.g. psql -v ON_ERROR_STOP=1 -f schema.sql",
-        "BEGIN;",
-    ]
-    reply: list[Any] | None = None
-    try:
-        while True:
-            step = steps.send(reply)
-            if isinstance(step, Script):
-                parts.append(step.sql.strip())
-                reply = None
-            else:
-                assert isinstance(step, Query)
-                reply = []  # nothing applied yet
-    except StopIteration:
-        pass
-    parts.append("COMMIT;")
-    return "\n\n".join(parts) + "\n"
+    """The current schema (batchloop/sql/schema.sql) as one script for a database without it,
+    recorded as migrated: what ``batchloop sql`` prints (see :func:`migrations.schema_script`)."""
+    return schema_script(schema)
 
 
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
-
-
-def _ago(when: datetime | None) -> str:
-    if when is None:
-        return "-"
-    return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _clip(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def format_status_table(statuses: Sequence[WorkerStatus]) -> str:
-    """A fixed-width table of workers (the default ``status`` output)."""
-    header = ("NAME", "STATE", "GEN", "OWNER", "BATCHES", "FAILS", "LAST ERROR", "NEXT RUN")
-    rows = [header]
-    for s in statuses:
-        owner = f"{s.owner.hostname}:{s.owner.pid}" if s.owner is not None else "-"
-        error = s.last_error
-        if s.config_error is not None:  # the loop cannot run until this is repaired
-            error = f"config invalid: {s.config_error}"
-        error = _clip(printable(" ".join(error.split())), 40) if error else "-"
-        rows.append(
-            (
-                _clip(printable(s.name), 40),
-                s.state,
-                str(s.generation),
-                _clip(printable(owner), 30),
-                str(s.batches),
-                str(s.consecutive_failures),
-                error,
-                _ago(s.next_run_at),
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    right = {2, 4, 5}
-    lines = []
-    for row in rows:
-        cells = [
-            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
-            for i, cell in enumerate(row)
-        ]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
 
 
 def _import_user_modules(modules: Sequence[str], verbose: int = 0) -> None:
@@ -432,7 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     add("migrate", cmd_migrate, "create or upgrade the batchloop schema (idempotent)")
-    add("sql", cmd_sql, "print the schema SQL, as migrate applies it to an empty database")
+    add(
+        "sql",
+        cmd_sql,
+        "print the current schema (batchloop/sql/schema.sql) as one script for a database "
+        "without it; migrate makes the same schema from the migrations",
+    )
 
     p = add("status", cmd_status, "show workers: all of them, or NAME")
     p.add_argument("name", nargs="?", metavar="NAME", help="one worker's name")

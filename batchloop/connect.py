@@ -22,6 +22,7 @@ from tenacity import (
     wait_random,
 )
 
+from . import sql
 from .drivers.errors import TRANSIENT
 from .dsn import for_asyncpg, parse, scrub
 from .dsn import redact as redact
@@ -41,13 +42,9 @@ class ConnectError(BatchloopError):
 KEEPALIVE = {"idle": 10, "interval": 5, "count": 3}
 """TCP keepalive on both ends: a silently dead peer is noticed in about 25 s (10 + 3 x 5)."""
 
-SERVER_KEEPALIVE = (
-    f"SET tcp_keepalives_idle = {KEEPALIVE['idle']}; "
-    f"SET tcp_keepalives_interval = {KEEPALIVE['interval']}; "
-    f"SET tcp_keepalives_count = {KEEPALIVE['count']}"
+SERVER_KEEPALIVE = sql.session_script(
+    "server_keepalive", KEEPALIVE["idle"], KEEPALIVE["interval"], KEEPALIVE["count"]
 )
-"""Set after connecting, not sent as startup parameters: PgBouncer refuses a connection whose
-startup packet carries parameters it does not know ("unsupported startup parameter")."""
 
 
 def keepalive(conn: asyncpg.Connection) -> None:
@@ -284,8 +281,7 @@ async def create_pool(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-_RESET = "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL; " + SERVER_KEEPALIVE
-"""What asyncpg's pool resets on release, for psycopg connections too."""
+_RESET = f"{sql.session_script('reset_session')}; {SERVER_KEEPALIVE}"
 
 
 _LIBPQ_SAME = ("user", "password", "host", "port", "passfile")

@@ -33,10 +33,10 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from .api import ping, start, status
+from .api import migrate, ping, start, status
 from .connect import connect, create_pool
+from .display import format_status_table
 from .errors import BatchloopError
-from .migrations import migrate
 from .models import Config, Idle, Work, WorkerStatus
 from .registry import work_query, worker
 from .runtime.host import Host
@@ -366,8 +366,6 @@ async def _progress(
 
 
 async def _demo(dsn: str, schema: str, events: int, producers: int, batch: int, chunk: int) -> int:
-    from .cli import format_status_table
-
     applied = await migrate(dsn, schema=schema)
     _say(
         f"schema {schema!r}: "

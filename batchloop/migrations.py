@@ -1,26 +1,28 @@
 """Schema migrations: ordered plain SQL files under ``migrations/``, each applied once.
 
-The runner is written once as a generator of steps (sans-IO), and one driver,
-:func:`run_plan`, feeds it from an async session or (through :func:`run_blocking`) a sync one,
-so asyncpg, psycopg, ``batchloop.sync`` and the CLI share every decision. Concurrent migrators
-are serialised by a transaction-level advisory lock; everything happens in one transaction.
+The runner is a plan (:mod:`batchloop.plans`): :func:`plan` decides, and the one driver
+:func:`batchloop.plans.run` runs it for ``batchloop.migrate`` (async), ``batchloop.sync.migrate``
+and ``batchloop migrate`` alike. Concurrent migrators are serialised by a transaction-level
+advisory lock; everything happens in one transaction. ``sql/schema.sql`` is the schema the
+migrations produce, in one file; :func:`schema_script` wraps it as ``batchloop sql`` prints it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Coroutine, Generator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
-from .drivers import session_for
+from . import sql
 from .drivers.base import Row
 from .errors import SchemaMissingError, SchemaTooNewError
-from .schema_name import DEFAULT_SCHEMA, check_schema, quote_schema
+from .plans import Plan, Query, Script
+from .schema_name import check_schema
 
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
@@ -56,68 +58,74 @@ def code_version() -> int:
     return len(migrations())
 
 
-@dataclass(frozen=True, slots=True)
-class Script:
-    sql: str
-
-
-@dataclass(frozen=True, slots=True)
-class Query:
-    """A named query (batchloop/sql/queries.sql); the reply is its rows."""
-
-    name: str
-    args: tuple[Any, ...] = ()
-
-
-Step = Script | Query
-
-
 def _lock_key(schema: str) -> int:
     digest = hashlib.md5(f"batchloop-migrate:{schema}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
-def plan(schema: str) -> Generator[Step, Sequence[Row] | None, list[int]]:
-    """The migration, as steps; runs inside one transaction that the caller of run_plan opens.
+def plan(schema: str) -> Plan[list[int]]:
+    """The migration, as steps; runs inside one transaction that the caller of run opens.
 
     When every migration is applied it only reads, so a role that may not create anything (an
     application role, after the owner migrated) can run it, and a too-new schema is refused
     before any statement that such a role could not run.
     """
-    q = quote_schema(schema)
     readable = yield Query("migrations_readable", (schema,))
     if readable and next(iter(readable[0].values())):
         applied = _versions((yield Query("applied_migrations")))
         refuse_newer(max(applied, default=None), schema)
         if all(m.version in applied for m in migrations()):
             return []
-    yield Script(
-        f"SELECT pg_advisory_xact_lock({_lock_key(schema)});\n"
-        f"CREATE SCHEMA IF NOT EXISTS {q};\n"
-        f"CREATE TABLE IF NOT EXISTS {q}.schema_migrations (\n"
-        "    version integer PRIMARY KEY, name text NOT NULL,\n"
-        "    applied_at timestamptz NOT NULL DEFAULT now());"
-    )
+    yield Script(_prologue(schema))
     # Again under the lock: a concurrent migrator may have committed meanwhile (each statement
     # sees what committed before it, in READ COMMITTED).
     applied = _versions((yield Query("applied_migrations")))
     refuse_newer(max(applied, default=None), schema)
-    latest = code_version()
     done = []
     for m in migrations():
         if m.version in applied:
             continue
-        yield Script(
-            f"SET LOCAL search_path TO {q};\n{m.sql}\n"
-            f"INSERT INTO {q}.schema_migrations (version, name) VALUES ({m.version}, '{m.name}');"
-        )
+        yield Script(_applied(schema, m.sql, [m]))
         done.append(m.version)
     if done:
-        yield Script(
-            f"CREATE OR REPLACE FUNCTION {q}.schema_version() RETURNS integer "
-            f"LANGUAGE sql IMMUTABLE AS 'SELECT {latest}';"
-        )
+        yield Script(_epilogue(schema))
     return done
+
+
+def schema_script(schema: str) -> str:
+    """The current schema (``sql/schema.sql``) as one script for a database without it, wrapped
+    as the runner applies a migration, with every migration recorded: what ``batchloop sql``
+    prints. tests/test_sql.py checks that it and the migrations make the same catalog."""
+    check_schema(schema)
+    header = (
+        f"-- batchloop schema {schema!r} at version {code_version()}, for a database without it:\n"
+        "-- batchloop/sql/schema.sql, the schema the migrations make (`batchloop migrate` applies\n"
+        "-- the migrations themselves). Run it as one transaction: psql -v ON_ERROR_STOP=1 -f FILE"
+    )
+    body = _applied(schema, sql.schema().strip(), migrations())
+    parts = [header, "BEGIN;", _prologue(schema), body, _epilogue(schema), "COMMIT;"]
+    return "\n\n".join(parts) + "\n"
+
+
+def _prologue(schema: str) -> str:
+    return sql.script(
+        schema,
+        [
+            ("migration_lock", (_lock_key(schema),)),
+            ("create_schema", ()),
+            ("create_migration_record", ()),
+        ],
+    )
+
+
+def _applied(schema: str, text: str, recorded: Sequence[Migration]) -> str:
+    """``text`` (a migration, or schema.sql) run on the schema, and ``recorded`` recorded."""
+    record = sql.script(schema, [("record_migration", (m.version, m.name)) for m in recorded])
+    return "\n".join([sql.script(schema, [("use_schema", ())]), text, record])
+
+
+def _epilogue(schema: str) -> str:
+    return sql.script(schema, [("set_schema_version", (code_version(),))])
 
 
 def _versions(rows: Sequence[Row] | None) -> set[int]:
@@ -145,63 +153,3 @@ def refuse_newer(recorded: Any, schema: str) -> None:
             f"the batchloop schema {schema!r} is at version {recorded}, newer than this code "
             f"(version {latest}): upgrade batchloop"
         )
-
-
-async def migrate(dsn_or_conn: Any = None, *, schema: str = DEFAULT_SCHEMA) -> list[int]:
-    """Create or upgrade the batchloop schema; returns the versions applied (idempotent).
-
-    ``dsn_or_conn``: a DSN string (None: the ``PG*`` environment), or an asyncpg Connection or
-    psycopg AsyncConnection. Safe when several processes migrate at once.
-    """
-    check_schema(schema)
-    if dsn_or_conn is None or isinstance(dsn_or_conn, str):
-        from .connect import connect
-
-        conn = await connect(dsn_or_conn, timeout=10.0)
-        try:
-            return await migrate(conn, schema=schema)
-        finally:
-            await conn.close()
-    async with session_for(dsn_or_conn, schema) as s, s.raw.transaction():
-        return await run_plan(s, schema)
-
-
-class MigrationSession(Protocol):
-    """What running the plan needs of a connection (async, or sync behind run_blocking)."""
-
-    async def fetch(self, name: str, *args: Any) -> Sequence[Row]: ...
-
-    async def script(self, sql: str) -> None: ...
-
-
-async def run_plan(s: MigrationSession, schema: str) -> list[int]:
-    """Run :func:`plan` on ``s``, inside the transaction the caller opened; the only driver of
-    the plan (``migrate``, ``batchloop.sync.migrate`` and ``batchloop migrate`` all use it)."""
-    steps = plan(schema)
-    reply: Sequence[Row] | None = None
-    try:
-        while True:
-            step = steps.send(reply)
-            if isinstance(step, Script):
-                await s.script(step.sql)
-                reply = None
-            else:
-                reply = await s.fetch(step.name, *step.args)
-    except StopIteration as done:
-        result: list[int] = done.value
-        return result
-
-
-T = TypeVar("T")
-
-
-def run_blocking(coro: Coroutine[Any, Any, T]) -> T:
-    """The result of a coroutine that never suspends (its awaits are blocking calls), without
-    an event loop, so sync code can share an async implementation."""
-    try:
-        coro.send(None)
-    except StopIteration as done:
-        result: T = done.value
-        return result
-    coro.close()
-    raise RuntimeError("a blocking coroutine suspended")

@@ -1,15 +1,22 @@
-"""Turning rows into the public status models (shared by the async and sync APIs)."""
+"""Turning a status row into the public model (for :mod:`batchloop.calls`), and parsing the
+stored config (also the loop's)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
 
 from .drivers.base import Row
 from .models import Config, Owner, WorkerStatus
+
+_SAME_NAMED = (
+    *("name", "generation", "work_query", "worker", "last_work_at", "next_run_at", "batches"),
+    *("consecutive_failures", "last_error", "last_error_at", "created_at"),
+)
+"""The status query's columns that are WorkerStatus fields of the same name."""
 
 
 def to_status(row: Row) -> WorkerStatus:
@@ -24,26 +31,12 @@ def to_status(row: Row) -> WorkerStatus:
     except ValueError as exc:  # pydantic's ValidationError included
         config, config_error = Config(), config_problem(exc)
     return WorkerStatus(
-        name=row["name"],
+        **{column: row[column] for column in _SAME_NAMED},
         state=row["status"],
-        generation=row["generation"],
         owner=owner,
-        work_query=row["work_query"],
-        worker=row["worker"],
         config=config,
         config_error=config_error,
-        last_work_at=row["last_work_at"],
-        next_run_at=row["next_run_at"],
-        batches=row["batches"],
-        consecutive_failures=row["consecutive_failures"],
-        last_error=row["last_error"],
-        last_error_at=row["last_error_at"],
-        created_at=row["created_at"],
     )
-
-
-def to_statuses(rows: Sequence[Row]) -> list[WorkerStatus]:
-    return [to_status(r) for r in rows]
 
 
 def parse_config(value: Any) -> Config:

@@ -20,18 +20,17 @@ async, decorated functions a host runs; ``ping`` only records their names.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from .api import PingResult, checked, ping_args
+from . import calls
+from .calls import PingResult
 from .connect import ConnectError, redact
 from .drivers._psycopg import require
-from .drivers.base import Row
 from .dsn import parse, scrub
-from .migrations import code_version, refuse_newer, run_blocking, run_plan
 from .models import Config, WorkerStatus
-from .schema_name import DEFAULT_SCHEMA, check_name, check_schema
-from .status import to_status, to_statuses
+from .plans import Plan, run_sync
+from .schema_name import DEFAULT_SCHEMA, check_schema
 
 if TYPE_CHECKING:
     import psycopg
@@ -39,6 +38,7 @@ if TYPE_CHECKING:
     from .drivers.psycopg import SyncPsycopgSession
 
 log = logging.getLogger("batchloop")
+T = TypeVar("T")
 
 __all__ = ["connect", "list_workers", "migrate", "ping", "start", "status", "stop"]
 
@@ -94,10 +94,7 @@ def ping(
     Call it in the inserting transaction; it takes effect when that transaction commits. See
     :func:`batchloop.ping`. Raises before any SQL runs when a callable is not registered.
     """
-    args = ping_args(name, work_query, worker, config)
-    s = _session(conn, schema)
-    result: PingResult = checked(s.fetchrow("ping", *args), s.schema)
-    return result
+    return _run(conn, schema, calls.ping(name, work_query, worker, config, schema))
 
 
 def stop(conn: psycopg.Connection[Any], name: str, *, schema: str = DEFAULT_SCHEMA) -> bool:
@@ -105,36 +102,26 @@ def stop(conn: psycopg.Connection[Any], name: str, *, schema: str = DEFAULT_SCHE
 
     Returns False when there is no such worker.
     """
-    check_name(name)
-    s = _session(conn, schema)
-    return bool(checked(s.fetchrow("stop", name, code_version()), s.schema) != "missing")
+    return _run(conn, schema, calls.stop(name, schema))
 
 
 def start(conn: psycopg.Connection[Any], name: str, *, schema: str = DEFAULT_SCHEMA) -> bool:
     """Resume a stopped worker (see :func:`batchloop.start`); returns False when there is none."""
-    check_name(name)
-    s = _session(conn, schema)
-    return bool(checked(s.fetchrow("start", name, code_version()), s.schema) != "missing")
+    return _run(conn, schema, calls.start(name, schema))
 
 
 def status(
     conn: psycopg.Connection[Any], name: str, *, schema: str = DEFAULT_SCHEMA
 ) -> WorkerStatus | None:
     """The worker ``name``, or None if no ping ever created it."""
-    check_name(name)
-    s = _session(conn, schema)
-    refuse_newer(s.fetchval("check_version", code_version()), s.schema)
-    row = s.fetchrow("status", name)
-    return to_status(row) if row is not None else None
+    return _run(conn, schema, calls.status(name, schema))
 
 
 def list_workers(
     conn: psycopg.Connection[Any], *, schema: str = DEFAULT_SCHEMA
 ) -> list[WorkerStatus]:
     """Every worker, ordered by name."""
-    s = _session(conn, schema)
-    refuse_newer(s.fetchval("check_version", code_version()), s.schema)
-    return to_statuses(s.fetch("status", None))
+    return _run(conn, schema, calls.list_workers(schema))
 
 
 def migrate(
@@ -151,25 +138,14 @@ def migrate(
     if dsn_or_conn is None or isinstance(dsn_or_conn, str):
         with connect(dsn_or_conn, autocommit=True) as conn:
             return migrate(conn, schema=schema)
+    plan = calls.migrate(schema)
     s = _session(dsn_or_conn, schema)
     with dsn_or_conn.transaction():
-        done = run_blocking(run_plan(_Blocking(s), schema))
+        done = run_sync(s, plan)
     if done:
         log.info("migrated schema %s: applied %s", schema, done)
     return done
 
 
-class _Blocking:
-    """A sync session as :func:`batchloop.migrations.run_plan` takes one: each await is a
-    blocking call that has finished when it returns, so the coroutine never suspends."""
-
-    __slots__ = ("_s",)
-
-    def __init__(self, s: SyncPsycopgSession) -> None:
-        self._s = s
-
-    async def fetch(self, name: str, *args: Any) -> Sequence[Row]:
-        return self._s.fetch(name, *args)
-
-    async def script(self, sql: str) -> None:
-        self._s.script(sql)
+def _run(conn: psycopg.Connection[Any], schema: str, plan: Plan[T]) -> T:
+    return run_sync(_session(conn, schema), plan)

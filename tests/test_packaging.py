@@ -249,6 +249,7 @@ def test_sdist_has_the_project_and_nothing_from_a_virtualenv(tmp_path: Path) -> 
         "batchloop/__init__.py",
         "batchloop/drivers/_psycopg.py",
         "batchloop/sql/queries.sql",
+        "batchloop/sql/schema.sql",
         "migrations/0001_init.sql",
         "tests/conftest.py",
         "tests/test_packaging.py",

@@ -22,7 +22,8 @@ import pytest
 
 import batchloop as bl
 import batchloop.sync as bls
-from batchloop.migrations import Query, Script, Step, code_version, plan, run_blocking
+from batchloop.migrations import code_version, plan
+from batchloop.plans import Query, Script, Step, run_blocking
 
 from helpers import wait_for
 from jobs import TABLES, next_items, process_items

@@ -110,12 +110,13 @@ class Control:
         """Unlock every name, drop the host row and tell the other hosts, in one round trip."""
         async with self._lock:
             await self.connection.execute(
-                "SELECT pg_advisory_unlock_all(); "
-                + sql.query("forget_host", self.schema).replace("$1", _literal(host_id))
-                + ";"
-                + "".join(
-                    f" SELECT pg_notify({_literal(channel(self.schema))}, {_literal(p)});"
-                    for p in payloads
+                sql.script(
+                    self.schema,
+                    [
+                        ("unlock_all", ()),
+                        ("forget_host", (host_id,)),
+                        *(("notify", (channel(self.schema), p)) for p in payloads),
+                    ],
                 ),
                 timeout=STATEMENT_TIMEOUT,
             )
@@ -293,7 +294,3 @@ async def heartbeat(control: Control, host_id: str, every: Callable[[], float]) 
             log.error("host %s was declared dead by another host; resetting", host_id)
             control.fail()
             return
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"

@@ -49,6 +49,17 @@ SELECT w.name, w.status, s.generation, w.work_query, w.worker, w.config::text AS
  WHERE ($1::text IS NULL OR w.name = $1)
  ORDER BY w.name
 
+-- Connection setup (batchloop/connect.py): no schema object, values inlined (SET takes none).
+
+-- name: server_keepalive
+-- Set after connecting, not sent as startup parameters: PgBouncer refuses a connection whose
+-- startup packet carries parameters it does not know ("unsupported startup parameter").
+SET tcp_keepalives_idle = $1; SET tcp_keepalives_interval = $2; SET tcp_keepalives_count = $3
+
+-- name: reset_session
+-- What asyncpg's pool resets on release, for psycopg connections too.
+SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL
+
 -- name: database
 -- Which database a connection reached, to check that a host's control_dsn and dsn agree.
 SELECT current_database() AS name, pg_postmaster_start_time() AS started,
@@ -128,6 +139,13 @@ SELECT quote_ident(current_user::text) AS me,
 
 -- name: forget_host
 DELETE FROM {schema}.hosts WHERE host_id = $1
+
+-- name: unlock_all
+-- A leaving host's session locks: every name it owns (sent inlined with forget_host and notify).
+SELECT pg_advisory_unlock_all()
+
+-- name: notify
+SELECT pg_notify($1, $2)
 
 -- name: fence
 -- The full fence: why book_batch found no row (superseded, a stop waiting, new callables, or
@@ -222,6 +240,33 @@ SELECT EXISTS (
 
 -- name: applied_migrations
 SELECT version FROM {schema}.schema_migrations ORDER BY version
+
+-- The migration runner's statements (batchloop/migrations.py), and `batchloop sql`'s. DDL takes
+-- no parameters: these are only sent inlined, in scripts (sql.script).
+
+-- name: migration_lock
+-- Serialises concurrent migrators of one schema ($1: a key from its name) until commit.
+SELECT pg_advisory_xact_lock($1)
+
+-- name: create_schema
+CREATE SCHEMA IF NOT EXISTS {schema}
+
+-- name: create_migration_record
+CREATE TABLE IF NOT EXISTS {schema}.schema_migrations (
+    version integer PRIMARY KEY, name text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now())
+
+-- name: use_schema
+-- Migrations and schema.sql name their objects unqualified.
+SET LOCAL search_path TO {schema}
+
+-- name: record_migration
+INSERT INTO {schema}.schema_migrations (version, name) VALUES ($1, $2)
+
+-- name: set_schema_version
+-- An IMMUTABLE constant, the version of the code that migrated last ($1, inlined).
+CREATE OR REPLACE FUNCTION {schema}.schema_version() RETURNS integer
+LANGUAGE sql IMMUTABLE AS 'SELECT $1'
 
 -- name: main_module_workers
 -- Running or waiting workers whose callables a `python x.py` script registered (module
