@@ -4,8 +4,13 @@ in a real headless chromium against a real server process."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import urllib.error
 import urllib.request
+import warnings
+import zipfile
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -20,7 +25,9 @@ from jobs import TABLES, next_items, process_items
 pytest.importorskip("starlette", reason="the 'web' extra (starlette) is not installed")
 pytest.importorskip("httpx", reason="starlette's TestClient needs httpx")
 
-from starlette.testclient import TestClient
+with warnings.catch_warnings():  # starlette's note about httpx2, not about this project
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from starlette.testclient import TestClient
 
 from batchloop.web import create_app
 
@@ -239,3 +246,24 @@ def test_read_only_page_shows_no_buttons(migrated_dsn: str) -> None:
         assert page.locator("#workers button:visible").count() == 0
         assert _post(url, "stop", "alpha", TOKEN) == 403
     assert state_of(migrated_dsn, "alpha") != "stopped"
+
+
+def test_wheel_ships_the_page(tmp_path: Path) -> None:
+    """The page is served from the installed package, so the wheel must carry its files."""
+    root = Path(__file__).resolve().parent.parent
+    built = subprocess.run(
+        [sys.executable, "-m", "hatchling", "build", "-t", "wheel", "-d", str(tmp_path)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert built.returncode == 0, built.stdout + built.stderr
+    (wheel,) = tmp_path.glob("batchloop-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        metadata = next(n for n in names if n.endswith("METADATA"))
+        meta = zf.read(metadata).decode()
+    for wanted in ("index.html", "app.js", "style.css"):
+        assert f"batchloop/web/static/{wanted}" in names
+    assert "Provides-Extra: web" in meta
