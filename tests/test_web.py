@@ -26,7 +26,7 @@ pytest.importorskip("starlette", reason="the 'web' extra (starlette) is not inst
 pytest.importorskip("httpx", reason="starlette's TestClient needs httpx")
 
 with warnings.catch_warnings():  # starlette's note about httpx2, not about this project
-    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
 from batchloop.web import create_app
