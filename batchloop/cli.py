@@ -405,6 +405,13 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         default=default(0),
         help="log more (-v: info, -vv: debug)",
     )
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=default("text"),
+        help="log lines as text, or as one JSON object per line with the batchloop_name, "
+        "batchloop_generation and batchloop_host fields (default text)",
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -497,13 +504,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(verbose: int, command: str) -> None:
+def _configure_logging(verbose: int, command: str, log_format: str = "text") -> None:
     base = logging.INFO if command == "run" else logging.WARNING
     level = logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else base
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        from .observe.logs import ContextFilter, JsonFormatter
+
+        handler.setFormatter(JsonFormatter())
+        # On the handler, not a logger: the user's own records (inside callables) carry the
+        # batchloop_* fields too.
+        handler.addFilter(ContextFilter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(
         level=logging.DEBUG if verbose >= 2 else logging.WARNING,  # other libraries
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        handlers=[handler],
     )
     logging.getLogger("batchloop").setLevel(level)
 
@@ -514,7 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
-    _configure_logging(args.verbose, args.command)
+    _configure_logging(args.verbose, args.command, args.log_format)
     args.dsn = resolve_dsn(args.dsn)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
