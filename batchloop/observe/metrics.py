@@ -209,7 +209,9 @@ class MetricsServer:
 
         self._server = ThreadingHTTPServer((host, port), Handler)
         self._server.daemon_threads = True
-        self.host, self.port = self._server.server_address[:2]
+        address = self._server.server_address
+        self.host: str = address[0] if isinstance(address[0], str) else address[0].decode()
+        self.port: int = int(address[1])
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="batchloop-metrics", daemon=True
         )
