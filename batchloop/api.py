@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any, Literal
 
+from . import observe
 from .drivers import session_for
 from .drivers.base import Row, Session
 from .migrations import code_version, refuse_newer
 from .models import Config, WorkerStatus
+from .observe import tracing
 from .registry import resolve_callable, warn_unhostable
 from .schema_name import DEFAULT_SCHEMA, check_name, check_schema
 from .status import to_status, to_statuses
@@ -61,8 +64,13 @@ async def ping(
     """
     args = ping_args(name, work_query, worker, config)
     check_schema(schema)
-    async with session_for(conn, schema) as s:
-        result: PingResult = checked(await s.fetchrow("ping", *args), schema)
+    started = time.perf_counter()
+    with tracing.ping_span(name) as span:
+        async with session_for(conn, schema) as s:
+            result: PingResult = checked(await s.fetchrow("ping", *args), schema)
+        tracing.ping_result(span, result)
+    if observe.observers:
+        observe.emit_ping(observe.PingEvent(name, result, time.perf_counter() - started))
     return result
 
 

@@ -292,9 +292,21 @@ def cmd_start(args: argparse.Namespace) -> int:
     return _stop_or_start(args, sync.start, "started")
 
 
-async def _run_host(dsn: str | None, schema: str, modules: list[str], driver: str) -> int:
+async def _run_host(
+    dsn: str | None, schema: str, modules: list[str], driver: str, metrics_port: int | None = None
+) -> int:
     """Host until SIGINT (exit code 130) or SIGTERM (0: a service asked to stop)."""
     from .runtime.host import Host
+
+    server = None
+    if metrics_port is not None:
+        from . import observe
+        from .observe.metrics import Metrics, MetricsServer
+
+        # Bound before the host starts, so a port in use fails the command at once.
+        metrics = Metrics()
+        server = MetricsServer(metrics, metrics_port)
+        observe.register(metrics)
 
     done = asyncio.Event()
     received: list[int] = []
@@ -313,9 +325,15 @@ async def _run_host(dsn: str | None, schema: str, modules: list[str], driver: st
             pass
     try:
         async with Host(dsn, modules=modules, schema=schema, driver=driver) as host:  # type: ignore[arg-type]
+            serving = ""
+            if server is not None:
+                # /healthz answers from Host.health() where the host has it; else 200 while up.
+                server.health = getattr(host, "health", None)
+                server.start()
+                serving = f"; metrics at http://{server.host}:{server.port}/metrics"
             print(
                 f"batchloop host {host.host_id} (pid {host.pid}) running {', '.join(modules)} "
-                f"in schema {schema!r}; Ctrl-C or SIGTERM to stop",
+                f"in schema {schema!r}{serving}; Ctrl-C or SIGTERM to stop",
                 flush=True,
             )
             await done.wait()
@@ -323,13 +341,17 @@ async def _run_host(dsn: str | None, schema: str, modules: list[str], driver: st
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+        if server is not None:
+            server.close()
     print("stopped", flush=True)
     return 130 if received and received[0] == signal.SIGINT else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     _import_user_modules(args.modules, args.verbose)
-    return asyncio.run(_run_host(args.dsn, args.schema, list(args.modules), args.driver))
+    return asyncio.run(
+        _run_host(args.dsn, args.schema, list(args.modules), args.driver, args.metrics_port)
+    )
 
 
 def cmd_tick(args: argparse.Namespace) -> int:
@@ -377,6 +399,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1 to 65535: {text!r}")
     return value
 
 
@@ -466,6 +498,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("asyncpg", "psycopg"),
         default="asyncpg",
         help="the connections your callables get (default asyncpg)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics and /healthz "
+        "(pip install 'batchloop[metrics]')",
     )
 
     p = add("tick", cmd_tick, "one bounded drain pass (for cron); prints a JSON report")

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import sys
+import time
 import uuid
 from collections.abc import Iterable
 from types import TracebackType
@@ -22,6 +23,7 @@ import anyio
 import asyncpg
 from anyio.abc import TaskGroup, TaskStatus
 
+from .. import observe
 from ..connect import (
     AsyncpgPool,
     check_dedicated_session,
@@ -39,6 +41,7 @@ from ..drivers.base import LoopDriver, Session
 from ..drivers.errors import insufficient_privilege, server_error
 from ..errors import BatchloopError, SchemaTooNewError
 from ..migrations import check_version, code_version, refuse_newer
+from ..observe import logs as observe_logs
 from ..registry import host_running, import_modules, lookup, main_help, main_refs, refs
 from ..schema_name import DEFAULT_SCHEMA, check_schema
 from .loop import Bound, CallableMissing, LoopContext, NameLoop
@@ -256,6 +259,8 @@ class Host:
         )
 
     async def _run(self, ready: asyncio.Future[None]) -> None:
+        # The host's own task (its loops inherit it): their log records name this host.
+        observe_logs.enter(host=self.host_id)
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -445,6 +450,7 @@ class Host:
 
     async def _dispatch(self) -> None:
         async for payload in self._inbox:
+            arrived = time.perf_counter()
             # Whatever else has arrived goes with it: a burst of pings is claimed in batches.
             payloads = [payload]
             with contextlib.suppress(anyio.WouldBlock):
@@ -466,6 +472,10 @@ class Host:
                         wanted.append(name)
             claimed = await self._claim(wanted, handoff=True) if wanted else None
             if claimed is not None:
+                if observe.observers:
+                    observe.emit_wake(
+                        observe.WakeEvent(claimed.name, self.host_id, time.perf_counter() - arrived)
+                    )
                 # A wake-up is latency-bound: this task goes on into the loop it claimed at
                 # once, and a new task takes over the dispatching (started after the loop's
                 # first statement is on its way: starting a task costs more than sending it).
@@ -564,6 +574,10 @@ class Host:
             host_id,
             ended,
         )
+        if observe.observers:
+            observe.emit_ownership(
+                observe.OwnershipEvent("takeover", self.host_id, other_host=host_id)
+            )
 
     async def _explain_cannot_end(self, control: Control, host_id: str, exc: BaseException) -> None:
         """Said once per frozen host: it keeps its names until it resumes, dies or is ended."""
@@ -662,7 +676,17 @@ class Host:
                 continue
             loop = NameLoop.claimed(self._ctx, name, row, bound)
             self._loops[name] = loop
-            log.debug("host %s claimed %r generation %d", self.host_id, name, loop.generation)
+            log.debug(
+                "host %s claimed %r generation %d",
+                self.host_id,
+                name,
+                loop.generation,
+                extra={"batchloop_name": name, "batchloop_generation": loop.generation},
+            )
+            if observe.observers:
+                observe.emit_ownership(
+                    observe.OwnershipEvent("claim", self.host_id, name, loop.generation)
+                )
             if handoff and kept is None:
                 kept = loop
             else:
@@ -683,6 +707,10 @@ class Host:
         raced the loop's end)."""
         if self._loops.get(loop.name) is loop:
             del self._loops[loop.name]
+            if observe.observers:
+                observe.emit_ownership(
+                    observe.OwnershipEvent("release", self.host_id, loop.name, loop.generation)
+                )
         if not self._loops:
             self._drained.set()
         if not self._session_alive():

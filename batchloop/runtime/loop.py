@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 import traceback
 from collections.abc import Awaitable, Callable, Sized
 from contextlib import AbstractAsyncContextManager
@@ -33,12 +34,15 @@ from typing import Any, Protocol
 
 import anyio
 
+from .. import observe
 from ..connect import server_id
 from ..drivers.asyncpg import AsyncpgLoopDriver
 from ..drivers.base import LoopDriver, Row, Session
 from ..drivers.errors import connection_lost
 from ..errors import Superseded, TransactionAborted
 from ..models import Config, Debounce, Idle, Work
+from ..observe import logs as observe_logs
+from ..observe import tracing
 from ..registry import Registered, lookup
 from ..status import parse_config
 from . import decide
@@ -165,6 +169,8 @@ class NameLoop:
     warned_empty: bool = False
     """Whether this loop has logged that its work query returned an empty batch."""
     last_error: str | None = None
+    items: int | None = None
+    """``len()`` of the last batch processed (None: unsized), for the observers."""
     worked_at: float = 0.0
     """``anyio.current_time()`` of the last batch or wake, for the cooldown: set from the
     database's ``since_work`` at the claim and at every re-arm, then by our own batches."""
@@ -199,6 +205,8 @@ class NameLoop:
 
     async def run(self) -> None:
         """Run until superseded, idle, stopped or cancelled; then release the name."""
+        # Every log record made in this loop, the user's callables' included, is about it.
+        context = observe_logs.enter(self.name, self.generation)
         try:
             delay = self.first_delay
             while not self.stopping:
@@ -236,6 +244,7 @@ class NameLoop:
             with anyio.CancelScope(shield=True):
                 await self._put_back()
                 await self.ctx.release(self)
+            observe_logs.current.reset(context)
 
     async def _sleep(self, delay: float) -> bool:
         """Sleep; True if poked before the delay ran out."""
@@ -261,23 +270,51 @@ class NameLoop:
         return float(row["run_in"])
 
     async def _iterate_or_fail(self) -> Decision | None:
-        try:
-            return await self._iterate()
-        except Superseded:
-            log.info("loop %r generation %d superseded", self.name, self.generation)
-            self.outcome = "superseded"
-            return None
-        except CallableMissing as exc:
-            log.error("loop %r: %s; releasing it to a host that has it", self.name, exc)
-            self.unrunnable = True
-            self.outcome = "unrunnable"
-            return None
-        except Exception as exc:
-            decision = await self._failed(exc)
-            if self.once:
-                self.outcome = "failed"
+        started, batches = time.perf_counter(), self.batches
+        with tracing.iteration_span(self.name, self.generation) as span:
+            try:
+                decision = await self._iterate()
+            except Superseded:
+                log.info("loop %r generation %d superseded", self.name, self.generation)
+                self.outcome = "superseded"
+                self._observed(span, started, "superseded")
                 return None
+            except CallableMissing as exc:
+                log.error("loop %r: %s; releasing it to a host that has it", self.name, exc)
+                self.unrunnable = True
+                self.outcome = "unrunnable"
+                self._observed(span, started, "unrunnable")
+                return None
+            except Exception as exc:
+                self._observed(span, started, "failed", exc)
+                retry = await self._failed(exc)
+                if self.once:
+                    self.outcome = "failed"
+                    return None
+                return retry
+            if isinstance(decision, Sleep):
+                self._observed(span, started, "idle" if decision.timeout is None else "waiting")
+            else:
+                self._observed(span, started, "committed" if self.batches > batches else "polled")
             return decision
+
+    def _observed(
+        self, span: Any, started: float, outcome: observe.Outcome, exc: Exception | None = None
+    ) -> None:
+        """Report an iteration's end to the tracer and the observers (if any)."""
+        tracing.outcome(span, outcome, exc)
+        if observe.observers:
+            context = observe_logs.current.get()
+            observe.emit_iteration(
+                observe.IterationEvent(
+                    self.name,
+                    self.generation,
+                    context.host if context is not None else None,
+                    outcome,
+                    time.perf_counter() - started,
+                    self.items if outcome == "committed" else None,
+                )
+            )
 
     async def _iterate(self) -> Decision:
         if self._held is None:
@@ -434,7 +471,8 @@ class NameLoop:
         return final, False
 
     async def _query(self, conn: Any) -> Work[Any] | Idle:
-        result: object = await self.bound.query.func(conn, self.name)
+        with tracing.query_span():
+            result: object = await self.bound.query.func(conn, self.name)
         if not isinstance(result, Work | Idle):
             raise TypeError(
                 f"work query {self.bound.query.ref} returned {type(result).__name__}; "
@@ -464,7 +502,9 @@ class NameLoop:
                     f"batch from {self.bound.query.ref} does not match the `batch` annotation "
                     f"of {self.bound.worker.ref}: {exc}"
                 ) from exc
-        ret = await self.bound.worker.func(conn, batch)
+        self.items = len(batch) if isinstance(batch, Sized) else None
+        with tracing.worker_span():
+            ret = await self.bound.worker.func(conn, batch)
         if ret is not None and not isinstance(ret, Debounce):
             raise TypeError(
                 f"worker {self.bound.worker.ref} returned {type(ret).__name__}; "
