@@ -325,3 +325,24 @@ def test_json_formatter_one_object_per_line() -> None:
     assert first["time"].endswith("+00:00")
     assert "exc_info" not in first
     assert "ValueError: boom" in second["exc_info"]
+
+
+def test_the_global_provider_is_looked_up_at_most_once_a_second(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from opentelemetry.trace import ProxyTracerProvider
+
+    calls: list[int] = []
+
+    def lookup() -> ProxyTracerProvider:
+        calls.append(1)
+        return ProxyTracerProvider()
+
+    tracing.use(None)
+    monkeypatch.setattr(tracing._trace, "get_tracer_provider", lookup)
+    for _ in range(100):
+        assert tracing.tracer() is None
+    assert len(calls) == 1
+    monkeypatch.setattr(tracing, "_next_check", 0.0)  # as a second later
+    assert tracing.tracer() is None
+    assert len(calls) == 2

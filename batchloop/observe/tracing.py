@@ -9,12 +9,15 @@ that spans of an instrumented driver (asyncpg, psycopg) nest under them. ``ping`
 ``batchloop.ping`` with ``batchloop.name`` and ``batchloop.ping.result``.
 
 Without opentelemetry-api, or with no provider configured, every function here returns one
-shared no-op context manager: the cost per iteration is a function call and a type check.
+shared no-op context manager. Whether a global provider has been configured is looked up at
+most once a second (the lookup reads the environment, a microsecond), so a provider set after
+the host started is used within a second; the child spans only exist under an iteration span.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -30,23 +33,32 @@ _provider: Any = None
 """A provider given to :func:`use`, else None: the global one."""
 _tracer: Any = None
 """The tracer, once a real provider was found (providers are set once, at startup)."""
+_next_check = 0.0
+"""``time.monotonic()`` before which the global provider is not looked up again."""
+CHECK_EVERY = 1.0
 
 
 def use(provider: Any = None) -> None:
     """Send batchloop's spans to ``provider`` instead of the global tracer provider (None: back
     to the global one)."""
-    global _provider, _tracer
-    _provider, _tracer = provider, None
+    global _provider, _tracer, _next_check
+    _provider, _tracer, _next_check = provider, None, 0.0
 
 
 def tracer() -> Any:
     """The tracer, or None while no tracer provider is configured."""
-    global _tracer
+    global _tracer, _next_check
     if _tracer is not None:
         return _tracer
     if _trace is None:
         return None
-    provider = _provider if _provider is not None else _trace.get_tracer_provider()
+    provider = _provider
+    if provider is None:
+        now = time.monotonic()
+        if now < _next_check:
+            return None
+        _next_check = now + CHECK_EVERY
+        provider = _trace.get_tracer_provider()
     if isinstance(provider, ProxyTracerProvider | NoOpTracerProvider):
         return None
     from .._version import __version__
@@ -78,14 +90,14 @@ def outcome(span: Any, outcome: str, exc: BaseException | None = None) -> None:
 
 
 def query_span() -> AbstractContextManager[Any]:
-    """Around the work query's call."""
-    t = tracer()
+    """Around the work query's call (inside an iteration span)."""
+    t = _tracer
     return _NULL if t is None else t.start_as_current_span("batchloop.work_query")
 
 
 def worker_span() -> AbstractContextManager[Any]:
-    """Around the worker's call."""
-    t = tracer()
+    """Around the worker's call (inside an iteration span)."""
+    t = _tracer
     return _NULL if t is None else t.start_as_current_span("batchloop.worker")
 
 
