@@ -125,7 +125,8 @@ def test_metrics_series_from_events() -> None:
     assert got["batchloop_iteration_seconds_sum", (("name", "a"),)] == pytest.approx(0.55)
     assert got["batchloop_batch_items_count", (("name", "a"),)] == 2
     assert got["batchloop_batch_items_sum", (("name", "a"),)] == 150
-    assert ("batchloop_batch_items_count", (("name", "b"),)) not in got  # unsized batch
+    assert got["batchloop_batch_items_count", (("name", "b"),)] == 0  # unsized batch
+    assert got["batchloop_failures_total", (("name", "b"),)] == 0  # a series to alert on
     assert got["batchloop_owned_names", ()] == 2
     assert got["batchloop_ownership_changes_total", (("kind", "claim"),)] == 3
     assert got["batchloop_ownership_changes_total", (("kind", "release"),)] == 1

@@ -100,6 +100,9 @@ class Metrics(Observer):
         self.pings = prom.Counter(
             "batchloop_pings", "Pings made from this process", ["result"], registry=r
         )
+        self._per_name: dict[str, tuple[Any, Any, Any, Any]] = {}
+        """Each name's labelled children (batches, failures, seconds, items): ``labels()``
+        takes a lock and builds a key on every call, and this runs once per iteration."""
         self._owned: set[tuple[str | None, str]] = set()
         self._lock = threading.Lock()
 
@@ -107,15 +110,24 @@ class Metrics(Observer):
 
     def iteration(self, event: IterationEvent) -> None:
         name, outcome = event.name, event.outcome
+        children = self._per_name.get(name)
+        if children is None:
+            children = self._per_name[name] = (
+                self.batches.labels(name),
+                self.failures.labels(name),
+                self.iteration_seconds.labels(name),
+                self.batch_items.labels(name),
+            )
+        batches, failures, seconds, items = children
         self.iterations.labels(name, outcome).inc()
         if outcome == "committed":
-            self.batches.labels(name).inc()
-            self.iteration_seconds.labels(name).observe(event.seconds)
+            batches.inc()
+            seconds.observe(event.seconds)
             if event.items is not None:
-                self.batch_items.labels(name).observe(event.items)
+                items.observe(event.items)
         elif outcome == "failed":
-            self.failures.labels(name).inc()
-            self.iteration_seconds.labels(name).observe(event.seconds)
+            failures.inc()
+            seconds.observe(event.seconds)
 
     def ownership(self, event: OwnershipEvent) -> None:
         if event.kind == "takeover":
