@@ -20,7 +20,7 @@ from batchloop.observe import logs, tracing
 from batchloop.observe.metrics import Metrics
 
 from helpers import wait_for
-from jobs import create_tables
+from jobs import create_tables, insert_and_ping
 
 pytestmark = pytest.mark.anyio
 
@@ -134,3 +134,85 @@ async def test_host_drain_reports_metrics_spans_and_log_fields(
     assert {about(r) for r in mine} == {("obs", generation, host_id)}
     failed = [r for r in handler.records if r.name == "batchloop" and "failed" in r.getMessage()]
     assert failed and {about(r) for r in failed} == {("obs", generation, host_id)}
+
+
+class Recorder(observe.Observer):
+    def __init__(self) -> None:
+        self.events: list[object] = []
+
+    def ownership(self, event: observe.OwnershipEvent) -> None:
+        self.events.append(event)
+
+    def wake(self, event: observe.WakeEvent) -> None:
+        self.events.append(event)
+
+
+@pytest.fixture
+def recorder() -> Iterator[Recorder]:
+    r = Recorder()
+    unregister = observe.register(r)
+    try:
+        yield r
+    finally:
+        unregister()
+
+
+async def test_a_wake_up_claimed_by_the_dispatcher_is_reported(
+    migrated_dsn: str, recorder: Recorder
+) -> None:
+    conn = await asyncpg.connect(migrated_dsn)
+    try:
+        await create_tables(conn)
+        # The monitor's one tick runs before the name exists: only the wake-up can claim it.
+        async with bl.Host(migrated_dsn, modules=["jobs"], monitor_interval=60) as host:
+            await insert_and_ping(conn, "w", 3)
+            wakes = await wait_for(
+                lambda: [e for e in recorder.events if isinstance(e, observe.WakeEvent)]
+            )
+            host_id = host.host_id
+    finally:
+        await conn.close()
+    (wake,) = wakes
+    assert (wake.name, wake.host_id) == ("w", host_id) and wake.seconds >= 0
+    claims = [e for e in recorder.events if isinstance(e, observe.OwnershipEvent)]
+    assert claims[0].kind == "claim" and (claims[0].name, claims[0].host_id) == ("w", host_id)
+
+
+FROZEN = "frozenobserve000"
+
+
+async def test_taking_over_a_frozen_host_is_reported(
+    migrated_dsn: str, recorder: Recorder
+) -> None:
+    conn = await asyncpg.connect(migrated_dsn)
+    await create_tables(conn)
+    await insert_and_ping(conn, "f", 3)
+    # A host that owns "f" and stopped heartbeating an hour ago, its backend still alive.
+    frozen = await asyncpg.connect(
+        migrated_dsn, server_settings={"application_name": f"batchloop/{FROZEN}"}
+    )
+    try:
+        await conn.execute(
+            "INSERT INTO batchloop.hosts (host_id, hostname, pid, heartbeat_at) "
+            "VALUES ($1, 'elsewhere', 1, now() - interval '1 hour')",
+            FROZEN,
+        )
+        await conn.execute(
+            "UPDATE batchloop.worker_state SET owner_host = $1 WHERE name = 'f'", FROZEN
+        )
+        await frozen.execute(
+            "SELECT pg_advisory_lock(lock_key) FROM batchloop.workers WHERE name = 'f'"
+        )
+        async with bl.Host(migrated_dsn, modules=["jobs"], monitor_interval=60) as host:
+            host_id = host.host_id
+            await wait_for(frozen.is_closed, message="the frozen host's backend was ended")
+    finally:
+        await frozen.close()
+        await conn.close()
+    kinds = [
+        (e.kind, e.host_id, e.name, e.other_host)
+        for e in recorder.events
+        if isinstance(e, observe.OwnershipEvent)
+    ]
+    assert ("takeover", host_id, None, FROZEN) in kinds, kinds
+    assert kinds.index(("takeover", host_id, None, FROZEN)) < [k[0] for k in kinds].index("claim")
