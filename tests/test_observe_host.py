@@ -181,9 +181,7 @@ async def test_a_wake_up_claimed_by_the_dispatcher_is_reported(
 FROZEN = "frozenobserve000"
 
 
-async def test_taking_over_a_frozen_host_is_reported(
-    migrated_dsn: str, recorder: Recorder
-) -> None:
+async def test_taking_over_a_frozen_host_is_reported(migrated_dsn: str, recorder: Recorder) -> None:
     conn = await asyncpg.connect(migrated_dsn)
     await create_tables(conn)
     await insert_and_ping(conn, "f", 3)
