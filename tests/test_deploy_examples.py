@@ -3,6 +3,7 @@ the CLI (commands, options, variables) exists, with stop timeouts above the shut
 
 from __future__ import annotations
 
+import argparse
 import configparser
 import os
 import shlex
@@ -24,12 +25,17 @@ MARGIN = 5.0
 HOST_DEFAULT_GRACE = 10.0
 
 
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    found = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert len(found) == 1
+    return dict(found[0].choices)
+
+
 def _check_command(argv: list[str]) -> Any:
     """Parse a command as the CLI would; a missing subcommand (added on another branch) skips."""
     assert Path(argv[0]).name == "batchloop", argv
     parser = build_parser()
-    commands = next(a for a in parser._actions if hasattr(a, "choices") and a.choices)
-    if argv[1] not in commands.choices:
+    if argv[1] not in _subcommands(parser):
         pytest.skip(f"`batchloop {argv[1]}` is not in this branch yet (issue 11, helper steer)")
     try:
         return parser.parse_args(argv[1:])
@@ -44,8 +50,7 @@ def _env_option(name: str, command: str) -> str:
         return "--dsn"
     option = "--" + name.removeprefix("BATCHLOOP_").lower().replace("_", "-")
     parser = build_parser()
-    sub = next(a for a in parser._actions if hasattr(a, "choices") and a.choices)
-    known = {o for a in sub.choices[command]._actions for o in a.option_strings}
+    known = {o for a in _subcommands(parser)[command]._actions for o in a.option_strings}
     assert option in known, f"{name}: `batchloop {command}` has no {option}"
     return option
 
