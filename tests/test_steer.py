@@ -160,16 +160,18 @@ async def test_wake_cuts_a_failure_backoff_short(migrated_dsn: str) -> None:
     try:
         k = knobs("flaky")
         k.fail_times = 1
+        # Many failures already (a claim loads the count): the next backoff is half an hour
+        # or more, capped by monitor_lag.
+        await insert_and_ping(conn, "flaky", 1, config=bl.Config(monitor_lag=3600))
+        await conn.execute(
+            "UPDATE batchloop.worker_state SET consecutive_failures = 20 WHERE name = 'flaky'"
+        )
         async with bl.Host(migrated_dsn, modules=["jobs"]):
-            await insert_and_ping(conn, "flaky", 1)
-            await wait_for(lambda: _failures(conn, "flaky"), 20, expect=1)
-            # A long backoff, as after many failures (as the loop would have recorded it).
-            await conn.execute(
-                "UPDATE batchloop.worker_state SET next_run_at = now() + interval '1 hour' "
-                "WHERE name = 'flaky'"
-            )
+            await wait_for(lambda: _failures(conn, "flaky"), 20, expect=21)
+            assert await _next_run_in(conn, "flaky") > 1000
             assert await bl.wake(conn, "flaky") is True  # the sleeping loop re-arms
             await wait_for(lambda: count(conn, "SELECT count(*) FROM done"), 20, expect=1)
+            assert await _failures(conn, "flaky") == 0
     finally:
         await conn.close()
 
