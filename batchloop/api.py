@@ -8,13 +8,15 @@ sync one.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from . import calls
+from . import calls, observe
 from .calls import PingResult
 from .drivers import session_for
 from .models import Config, HostStatus, WorkerStatus
+from .observe import tracing
 from .plans import Plan, run
 from .schema_name import DEFAULT_SCHEMA, check_schema
 
@@ -43,7 +45,14 @@ async def ping(
     worker; a no-op, writing nothing, while the worker runs or is stopped (then it returns
     ``"stopped"``).
     """
-    return await _run(conn, schema, calls.ping(name, work_query, worker, config, schema))
+    plan = calls.ping(name, work_query, worker, config, schema)  # validates before the span
+    started = time.perf_counter()
+    with tracing.ping_span(name) as span:
+        result = await _run(conn, schema, plan)
+        tracing.ping_result(span, result)
+    if observe.observers:
+        observe.emit_ping(observe.PingEvent(name, result, time.perf_counter() - started))
+    return result
 
 
 async def stop(conn: Any, name: str, *, schema: str = DEFAULT_SCHEMA) -> bool:

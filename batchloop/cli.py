@@ -275,9 +275,21 @@ def cmd_start(args: argparse.Namespace) -> int:
     return _stop_or_start(args, sync.start, "started")
 
 
-async def _run_host(dsn: str | None, schema: str, modules: list[str], driver: str) -> int:
+async def _run_host(
+    dsn: str | None, schema: str, modules: list[str], driver: str, metrics_port: int | None = None
+) -> int:
     """Host until SIGINT (exit code 130) or SIGTERM (0: a service asked to stop)."""
     from .runtime.host import Host
+
+    server = None
+    if metrics_port is not None:
+        from . import observe
+        from .observe.metrics import Metrics, MetricsServer
+
+        # Bound before the host starts, so a port in use fails the command at once.
+        metrics = Metrics()
+        server = MetricsServer(metrics, metrics_port)
+        observe.register(metrics)
 
     done = asyncio.Event()
     received: list[int] = []
@@ -296,9 +308,15 @@ async def _run_host(dsn: str | None, schema: str, modules: list[str], driver: st
             pass
     try:
         async with Host(dsn, modules=modules, schema=schema, driver=driver) as host:  # type: ignore[arg-type]
+            serving = ""
+            if server is not None:
+                # /healthz answers from Host.health() where the host has it; else 200 while up.
+                server.health = getattr(host, "health", None)
+                server.start()
+                serving = f"; metrics at http://{server.host}:{server.port}/metrics"
             print(
                 f"batchloop host {host.host_id} (pid {host.pid}) running {', '.join(modules)} "
-                f"in schema {schema!r}; Ctrl-C or SIGTERM to stop",
+                f"in schema {schema!r}{serving}; Ctrl-C or SIGTERM to stop",
                 flush=True,
             )
             await done.wait()
@@ -306,13 +324,17 @@ async def _run_host(dsn: str | None, schema: str, modules: list[str], driver: st
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+        if server is not None:
+            server.close()
     print("stopped", flush=True)
     return 130 if received and received[0] == signal.SIGINT else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     _import_user_modules(args.modules, args.verbose)
-    return asyncio.run(_run_host(args.dsn, args.schema, list(args.modules), args.driver))
+    return asyncio.run(
+        _run_host(args.dsn, args.schema, list(args.modules), args.driver, args.metrics_port)
+    )
 
 
 def cmd_tick(args: argparse.Namespace) -> int:
@@ -363,6 +385,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1 to 65535: {text!r}")
+    return value
+
+
 def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     """The same options on the main parser and, defaulting to "not given", on each subcommand,
     so that both ``batchloop --dsn X status`` and ``batchloop status --dsn X`` work."""
@@ -387,6 +419,13 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         action="count",
         default=default(0),
         help="log more (-v: info, -vv: debug)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=default("text"),
+        help="log lines as text, or as one JSON object per line with the batchloop_name, "
+        "batchloop_generation and batchloop_host fields (default text)",
     )
 
 
@@ -467,6 +506,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="asyncpg",
         help="the connections your callables get (default asyncpg)",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics and /healthz "
+        "(pip install 'batchloop[metrics]')",
+    )
 
     p = add("tick", cmd_tick, "one bounded drain pass (for cron); prints a JSON report")
     p.add_argument("modules", nargs="+", metavar="MODULE", help="e.g. myapp.jobs")
@@ -504,13 +551,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(verbose: int, command: str) -> None:
+def _configure_logging(verbose: int, command: str, log_format: str = "text") -> None:
     base = logging.INFO if command == "run" else logging.WARNING
     level = logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else base
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        from .observe.logs import ContextFilter, JsonFormatter
+
+        handler.setFormatter(JsonFormatter())
+        # On the handler, not a logger: the user's own records (inside callables) carry the
+        # batchloop_* fields too.
+        handler.addFilter(ContextFilter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(
         level=logging.DEBUG if verbose >= 2 else logging.WARNING,  # other libraries
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        handlers=[handler],
     )
     logging.getLogger("batchloop").setLevel(level)
 
@@ -521,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
-    _configure_logging(args.verbose, args.command)
+    _configure_logging(args.verbose, args.command, args.log_format)
     args.dsn = resolve_dsn(args.dsn)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:

@@ -36,6 +36,11 @@ Systems:
   variable the worker sets after its DELETE: fine for a benchmark (one name per process, no
   failures; the final emptiness check would catch a skipped row), not how to keep a cursor in
   production (keep it in a table, written in the batch's transaction).
+* ``batchloop-observed``: ``batchloop`` with every observer on: ``batchloop.observe.metrics.
+  Metrics`` registered and an OpenTelemetry SDK tracer provider (``BatchSpanProcessor`` into an
+  in-memory exporter), so each iteration makes three spans. Its ratio is to ``batchloop`` (the
+  same run): the cost of metrics and tracing. Not in the default systems; e.g.
+  ``python bench/drain.py --systems batchloop,batchloop-observed --batches 100 --runs 7``.
 * ``pgqueuer``, ``procrastinate``: N no-op jobs drained by the queue's own worker, tuned per its
   documentation for throughput; see ``bench/peers/`` for exactly how, and the JSON for the
   settings of each trial.
@@ -84,11 +89,17 @@ SYSTEMS = (
     "batchloop",
     "batchloop-cursor",
     "batchloop-psycopg",
+    "batchloop-observed",
     "pgqueuer",
     "procrastinate",
 )
 PEERS = {"pgqueuer": "peers.pgqueuer_peer", "procrastinate": "peers.procrastinate_peer"}
-BASELINE = {"raw-cursor": "raw", "batchloop-cursor": "raw-cursor"}
+DEFAULT_SYSTEMS = tuple(s for s in SYSTEMS if s != "batchloop-observed")
+BASELINE = {
+    "raw-cursor": "raw",
+    "batchloop-cursor": "raw-cursor",
+    "batchloop-observed": "batchloop",
+}
 """The baseline each system's median is divided by (default: ``raw``)."""
 
 SELECT_HEAD = "SELECT id FROM items ORDER BY id LIMIT $1"
@@ -240,14 +251,36 @@ async def drain_worker_psycopg(conn: Any, batch: list[int]) -> None:
     await conn.execute(PG_DELETE, (batch,))
 
 
+def observe_everything() -> tuple[Any, Any]:
+    """Metrics registered and an SDK tracer provider exporting in-process: what a service with
+    both turned on pays. Returns (metrics, span exporter)."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from batchloop import observe
+    from batchloop.observe import tracing
+    from batchloop.observe.metrics import Metrics
+
+    metrics = Metrics()
+    observe.register(metrics)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    tracing.use(provider)
+    return metrics, (provider, exporter)
+
+
 async def trial_batchloop(dsn: str, rows: int, batch: int, variant: str) -> dict[str, Any]:
     await fill_items(dsn, rows)
     await bl.migrate(dsn)
+    observed = observe_everything() if variant == "observed" else None
     STATE.batch, STATE.last, STATE.done = batch, 0, asyncio.Event()
     query, worker = {
         "": (drain_query, drain_worker),
         "cursor": (drain_query_cursor, drain_worker),
         "psycopg": (drain_query_psycopg, drain_worker_psycopg),
+        "observed": (drain_query, drain_worker),
     }[variant]
     driver = "psycopg" if variant == "psycopg" else "asyncpg"
     async with bl.Host(dsn, driver=driver):
@@ -262,16 +295,28 @@ async def trial_batchloop(dsn: str, rows: int, batch: int, variant: str) -> dict
         finally:
             await conn.close()
     assert status is not None
+    settings = {
+        "driver": f"{driver} (Host pool)",
+        "host": "Host defaults (pool 1..10, monitor 0.5 s, heartbeat 1 s)",
+        "config": "Config() (debounce 0)",
+        "worker_annotation": "batch: list[int] (validated by pydantic)",
+    }
+    if observed is not None:
+        metrics, (provider, exporter) = observed
+        provider.force_flush()
+        spans = len(exporter.get_finished_spans())
+        counted = metrics.registry.get_sample_value("batchloop_batches_total", {"name": NAME})
+        if spans < 3 * status.batches or counted != status.batches:
+            raise RuntimeError(f"observers saw {spans} spans and {counted} batches")
+        settings["observe"] = (
+            f"Metrics registered ({counted:.0f} batches counted); SDK TracerProvider with "
+            f"BatchSpanProcessor into InMemorySpanExporter ({spans} spans)"
+        )
     return {
         "drain_s": drain_s,
         "batches": status.batches,
         "remaining": await remaining(dsn, "items"),
-        "settings": {
-            "driver": f"{driver} (Host pool)",
-            "host": "Host defaults (pool 1..10, monitor 0.5 s, heartbeat 1 s)",
-            "config": "Config() (debounce 0)",
-            "worker_annotation": "batch: list[int] (validated by pydantic)",
-        },
+        "settings": settings,
     }
 
 
@@ -515,7 +560,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch1-rows", type=int, default=10_000, help="rows at batch size 1")
     p.add_argument("--cap", action="append", default=None, help="SYSTEM=ROWS (repeatable)")
     p.add_argument("--runs", type=int, default=3, help="rounds; every system runs once a round")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, or 'all'")
+    p.add_argument(
+        "--systems",
+        default=",".join(DEFAULT_SYSTEMS),
+        help="comma-separated, or 'all' (default: all but batchloop-observed)",
+    )
     p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     p.add_argument("--pgq-workers", type=int, default=1, help="pgqueuer QueueManagers")
     p.add_argument(

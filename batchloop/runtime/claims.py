@@ -14,6 +14,7 @@ import logging
 
 import anyio
 
+from .. import observe
 from ..drivers.errors import server_error
 from ..registry import lookup, main_help, main_refs
 from .iteration import CallableMissing, LoadedWorker
@@ -174,7 +175,17 @@ class Claims:
                 continue
             loop = NameLoop.claimed(self.ctx, name, row, bound)
             self.loops[name] = loop
-            log.debug("host %s claimed %r generation %d", self._host_id, name, loop.generation)
+            log.debug(
+                "host %s claimed %r generation %d",
+                self._host_id,
+                name,
+                loop.generation,
+                extra={"batchloop_name": name, "batchloop_generation": loop.generation},
+            )
+            if observe.observers:
+                observe.emit_ownership(
+                    observe.OwnershipEvent("claim", self._host_id, name, loop.generation)
+                )
             if handoff and kept is None:
                 kept = loop
             else:
@@ -195,6 +206,10 @@ class Claims:
         raced the loop's end)."""
         if self.loops.get(loop.name) is loop:
             del self.loops[loop.name]
+            if observe.observers:
+                observe.emit_ownership(
+                    observe.OwnershipEvent("release", self._host_id, loop.name, loop.generation)
+                )
         if not self.loops:
             self.emptied.set()
         if not self._current.alive():

@@ -44,6 +44,7 @@ from ..drivers.base import LoopDriver, Session
 from ..errors import BatchloopError, SchemaTooNewError
 from ..migrations import check_version
 from ..models import Health
+from ..observe import logs as observe_logs
 from ..registry import host_running, import_modules
 from ..schema_name import DEFAULT_SCHEMA, check_schema
 from .claims import Claims
@@ -302,6 +303,8 @@ class Host:
         )
 
     async def _run(self, ready: asyncio.Future[None]) -> None:
+        # The host's own task (its loops inherit it): their log records name this host.
+        observe_logs.enter(host=self.host_id)
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg

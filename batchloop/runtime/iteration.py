@@ -41,11 +41,12 @@ from typing import Any
 
 import anyio
 
-from .. import sql
+from .. import observe, sql
 from ..drivers.base import Row, Session, WorkConnection
 from ..drivers.errors import sqlstate
 from ..errors import Superseded, TransactionAborted
 from ..models import Config, Debounce, Idle, Work
+from ..observe import tracing
 from ..registry import Registered, lookup
 from ..status import parse_config
 from . import decide
@@ -271,6 +272,8 @@ class Iteration:
     """Keep ``book_batch`` prepared on each connection (not behind a transaction pooler)."""
     warned_empty: bool = False
     """Whether this loop has logged that its work query returned an empty batch."""
+    items: int | None = None
+    """``len()`` of the last batch processed (None: unsized), for the observers."""
 
     async def run(self, io: WorkConnection, worked_at: float | None) -> tuple[Decision, bool]:
         """One transaction on ``io``; what next, and whether a batch was processed.
@@ -357,7 +360,8 @@ class Iteration:
         return final, False
 
     async def _query(self, conn: Any) -> Work[Any] | Idle:
-        result: object = await self.loaded.query.func(conn, self.name)
+        with tracing.query_span():
+            result: object = await self.loaded.query.func(conn, self.name)
         if not isinstance(result, Work | Idle):
             raise TypeError(
                 f"work query {self.loaded.query.ref} returned {type(result).__name__}; "
@@ -387,7 +391,10 @@ class Iteration:
                     f"batch from {self.loaded.query.ref} does not match the `batch` annotation "
                     f"of {self.loaded.worker.ref}: {exc}"
                 ) from exc
-        ret = await self.loaded.worker.func(conn, batch)
+        if observe.observers:
+            self.items = len(batch) if isinstance(batch, Sized) else None
+        with tracing.worker_span():
+            ret = await self.loaded.worker.func(conn, batch)
         if ret is not None and not isinstance(ret, Debounce):
             raise TypeError(
                 f"worker {self.loaded.worker.ref} returned {type(ret).__name__}; "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 import traceback
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -21,11 +22,14 @@ from typing import Any, Protocol
 
 import anyio
 
+from .. import observe
 from ..connect import server_id
 from ..drivers.base import LoopDriver, Row
 from ..drivers.errors import connection_lost, timed_out
 from ..errors import Superseded
 from ..models import Config
+from ..observe import logs as observe_logs
+from ..observe import tracing
 from . import decide
 from .decide import Decision, Sleep
 from .iteration import CLEANUP_TIMEOUT, CallableMissing, Iteration, LoadedWorker
@@ -150,6 +154,8 @@ class NameLoop:
 
     async def run(self) -> None:
         """Run until superseded, idle, stopped or cancelled; then release the name."""
+        # Every log record made in this loop, the user's callables' included, is about it.
+        context = observe_logs.enter(self.name, self.generation)
         try:
             delay = self.first_delay
             while not self.stopping:
@@ -183,6 +189,7 @@ class NameLoop:
             with anyio.CancelScope(shield=True):
                 await self._put_back()
                 await self.ctx.release(self)
+            observe_logs.current.reset(context)
 
     async def _sleep(self, delay: float) -> bool:
         """Sleep; True if poked before the delay ran out."""
@@ -208,23 +215,51 @@ class NameLoop:
         return float(row["run_in"])
 
     async def _iterate_or_fail(self) -> Decision | None:
-        try:
-            return await self._iterate()
-        except Superseded:
-            log.info("loop %r generation %d superseded", self.name, self.generation)
-            self.outcome = "superseded"
-            return None
-        except CallableMissing as exc:
-            log.error("loop %r: %s; releasing it to a host that has it", self.name, exc)
-            self.unrunnable = True
-            self.outcome = "unrunnable"
-            return None
-        except Exception as exc:
-            decision = await self._failed(exc)
-            if self.once:
-                self.outcome = "failed"
+        started, batches = time.perf_counter(), self.batches
+        with tracing.iteration_span(self.name, self.generation) as span:
+            try:
+                decision = await self._iterate()
+            except Superseded:
+                log.info("loop %r generation %d superseded", self.name, self.generation)
+                self.outcome = "superseded"
+                self._observed(span, started, "superseded")
                 return None
+            except CallableMissing as exc:
+                log.error("loop %r: %s; releasing it to a host that has it", self.name, exc)
+                self.unrunnable = True
+                self.outcome = "unrunnable"
+                self._observed(span, started, "unrunnable")
+                return None
+            except Exception as exc:
+                self._observed(span, started, "failed", exc)
+                retry = await self._failed(exc)
+                if self.once:
+                    self.outcome = "failed"
+                    return None
+                return retry
+            if isinstance(decision, Sleep):
+                self._observed(span, started, "idle" if decision.timeout is None else "waiting")
+            else:
+                self._observed(span, started, "committed" if self.batches > batches else "polled")
             return decision
+
+    def _observed(
+        self, span: Any, started: float, outcome: observe.Outcome, exc: Exception | None = None
+    ) -> None:
+        """Report an iteration's end to the tracer and the observers (if any)."""
+        tracing.outcome(span, outcome, exc)
+        if observe.observers:
+            context = observe_logs.current.get()
+            observe.emit_iteration(
+                observe.IterationEvent(
+                    self.name,
+                    self.generation,
+                    context.host if context is not None else None,
+                    outcome,
+                    time.perf_counter() - started,
+                    self.iteration.items if outcome == "committed" else None,
+                )
+            )
 
     async def _iterate(self) -> Decision:
         if self._held is None:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import anyio
 
+from .. import observe
 from ..drivers.errors import insufficient_privilege, server_error
 from ..registry import refs
 from .claims import Claims, registered
@@ -106,6 +107,10 @@ class Monitor:
             host_id,
             ended,
         )
+        if observe.observers:
+            observe.emit_ownership(
+                observe.OwnershipEvent("takeover", self._host_id, other_host=host_id)
+            )
         return True
 
     async def _explain_cannot_end(self, control: Control, host_id: str, exc: BaseException) -> None:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import Literal
 
 import anyio
 from anyio.abc import TaskGroup
 
+from .. import observe
+from ..observe import logs as observe_logs
 from .claims import CLAIM_BATCH, Claims
 from .session import CurrentSession
 
@@ -75,6 +78,7 @@ class Dispatcher:
         """Dispatch until the session ends, or until this task goes on into a claimed loop."""
         loops = self._claims.loops
         async for payload in self._inbox:
+            arrived = time.perf_counter()
             # Whatever else has arrived goes with it: a burst of pings is claimed in batches.
             payloads = [payload]
             with contextlib.suppress(anyio.WouldBlock):
@@ -93,6 +97,16 @@ class Dispatcher:
                     wanted.append(wakeup.name)
             claimed = await self._claims.claim(wanted, handoff=True) if wanted else None
             if claimed is not None:
+                if observe.observers:
+                    # The host's task tree carries its id in the log context.
+                    context = observe_logs.current.get()
+                    observe.emit_wake(
+                        observe.WakeEvent(
+                            claimed.name,
+                            context.host if context is not None else None,
+                            time.perf_counter() - arrived,
+                        )
+                    )
                 # A wake-up is latency-bound: this task goes on into the loop it claimed at
                 # once, and a new task takes over the dispatching (started after the loop's
                 # first statement is on its way: starting a task costs more than sending it).
