@@ -4,7 +4,7 @@ See README.md for usage and :mod:`batchloop.protocol` for how it works.
 """
 
 from ._version import __version__
-from .api import list_workers, migrate, ping, start, status, stop
+from .api import list_hosts, list_workers, migrate, ping, start, status, stop, wake
 from .errors import (
     BatchloopError,
     NotRegisteredError,
@@ -12,7 +12,17 @@ from .errors import (
     SchemaTooNewError,
     SessionRequiredError,
 )
-from .models import Config, Debounce, Idle, Owner, TickReport, Work, WorkerStatus
+from .models import (
+    Config,
+    Debounce,
+    Health,
+    HostStatus,
+    Idle,
+    Owner,
+    TickReport,
+    Work,
+    WorkerStatus,
+)
 from .registry import work_query, worker
 from .runtime.host import Host
 from .runtime.tick import tick
@@ -21,7 +31,9 @@ __all__ = [
     "BatchloopError",
     "Config",
     "Debounce",
+    "Health",
     "Host",
+    "HostStatus",
     "Idle",
     "NotRegisteredError",
     "Owner",
@@ -32,6 +44,7 @@ __all__ = [
     "Work",
     "WorkerStatus",
     "__version__",
+    "list_hosts",
     "list_workers",
     "migrate",
     "ping",
@@ -39,6 +52,7 @@ __all__ = [
     "status",
     "stop",
     "tick",
+    "wake",
     "work_query",
     "worker",
 ]

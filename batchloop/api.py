@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from . import calls, observe
 from .calls import PingResult
 from .drivers import session_for
-from .models import Config, WorkerStatus
+from .models import Config, HostStatus, WorkerStatus
 from .observe import tracing
 from .plans import Plan, run
 from .schema_name import DEFAULT_SCHEMA, check_schema
@@ -23,7 +23,10 @@ from .schema_name import DEFAULT_SCHEMA, check_schema
 log = logging.getLogger("batchloop")
 T = TypeVar("T")
 
-__all__ = ["PingResult", "list_workers", "migrate", "ping", "start", "status", "stop"]
+__all__ = [
+    *("PingResult", "list_hosts", "list_workers", "migrate", "ping", "start", "status", "stop"),
+    "wake",
+]
 
 
 async def ping(
@@ -39,7 +42,8 @@ async def ping(
 
     Call it in the inserting transaction. Creates the worker on first use, stores changed
     callables or config (without ``config`` the stored one is kept), wakes an idle or waiting
-    worker; a no-op, writing nothing, while the worker runs or is stopped.
+    worker; a no-op, writing nothing, while the worker runs or is stopped (then it returns
+    ``"stopped"``).
     """
     plan = calls.ping(name, work_query, worker, config, schema)  # validates before the span
     started = time.perf_counter()
@@ -66,6 +70,20 @@ async def start(conn: Any, name: str, *, schema: str = DEFAULT_SCHEMA) -> bool:
     Returns False when there is no such worker.
     """
     return await _run(conn, schema, calls.start(name, schema))
+
+
+async def wake(conn: Any, name: str, *, schema: str = DEFAULT_SCHEMA) -> bool:
+    """Run ``name``'s loop now: clears a failure backoff or a Debounce, wakes an idle or
+    waiting worker (its owner's loop re-arms at once, or a host claims it once this commits).
+
+    Returns False for an unknown or stopped name (see :func:`start`).
+    """
+    return await _run(conn, schema, calls.wake(name, schema))
+
+
+async def list_hosts(conn: Any, *, schema: str = DEFAULT_SCHEMA) -> list[HostStatus]:
+    """Every registered host, oldest first, with whether it is alive and the names it owns."""
+    return await _run(conn, schema, calls.list_hosts(schema))
 
 
 async def status(conn: Any, name: str, *, schema: str = DEFAULT_SCHEMA) -> WorkerStatus | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import json
 import logging
 import os
 import signal
@@ -19,21 +20,21 @@ import time
 import traceback
 import typing
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 from pydantic import TypeAdapter
 
-from . import sync
+from . import calls, sync
 from ._version import __version__
 from .connect import ConnectError
-from .display import format_status_table
+from .display import format_hosts_table, format_status_table, state_label
 from .drivers import _psycopg
 from .dsn import DsnError, parse, scrub
 from .errors import BatchloopError, SchemaMissingError
 from .migrations import code_version, schema_script, upgrade_script
-from .models import WorkerStatus
+from .models import HostStatus, WorkerStatus
 from .registry import main_help, main_refs, refs
 from .schema_name import DEFAULT_SCHEMA, check_schema
 
@@ -48,6 +49,7 @@ NO_DSN_HELP = (
     "variables), e.g. --dsn postgresql://user@localhost/mydb"
 )
 _STATUSES = TypeAdapter(list[WorkerStatus])
+_HOSTS = TypeAdapter(list[HostStatus])
 
 # Errors that mean "the command could not do its job" rather than "batchloop has a bug":
 # reported as one line on stderr with exit code 1. (pydantic.ValidationError is a ValueError.)
@@ -221,6 +223,51 @@ def _stop_or_start(args: argparse.Namespace, action: Callable[..., bool], verb: 
     state = now.state if now is not None else "?"
     print(f"{verb} {args.name!r} (state: {state})")
     return 0
+
+
+def cmd_wake(args: argparse.Namespace) -> int:
+    with sync.connect(args.dsn, autocommit=True) as conn:
+        if not sync.wake(conn, args.name, schema=args.schema):
+            now = sync.status(conn, args.name, schema=args.schema)
+            if now is None:
+                raise CommandError(f"no worker named {args.name!r} in schema {args.schema!r}")
+            raise CommandError(
+                f"worker {args.name!r} is stopped: `{PROG} start {args.name}` resumes it"
+            )
+        now = sync.status(conn, args.name, schema=args.schema)
+    state = state_label(now) if now is not None else "?"
+    print(f"woke {args.name!r} (state: {state})")
+    return 0
+
+
+def cmd_hosts(args: argparse.Namespace) -> int:
+    with sync.connect(args.dsn, autocommit=True) as conn:
+        hosts = sync.list_hosts(conn, schema=args.schema)
+    if args.json:
+        print(_HOSTS.dump_json(hosts, indent=2).decode())
+    elif not hosts:
+        print(f"no hosts in schema {args.schema!r}")
+    else:
+        print(format_hosts_table(hosts))
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when healthy, 1 with one line per problem on stdout: for probes and cron."""
+    try:
+        with sync.connect(args.dsn, autocommit=True) as conn:
+            problems = sync._run(
+                conn,
+                args.schema,
+                calls.health(args.schema, args.max_failures, datetime.now(timezone.utc)),
+            )
+    except _EXPECTED as exc:
+        problems = [f"database unavailable: {scrub(_explain(exc, args.dsn), args.dsn)}"]
+    if args.json:
+        print(json.dumps({"ok": not problems, "problems": problems}, indent=2))
+    else:
+        print("\n".join(problems) if problems else "ok")
+    return 1 if problems else 0
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -498,6 +545,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="refresh every SECONDS (default 2) until Ctrl-C",
     )
+
+    p = add("wake", cmd_wake, "run worker NAME now: clears a failure backoff or a debounce")
+    p.add_argument("name", metavar="NAME")
+    p = add("hosts", cmd_hosts, "show the hosts: alive or not, and the names each runs")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p = add(
+        "health",
+        cmd_health,
+        "exit 0 when healthy, else 1 with one line per problem: the database answers, the "
+        "schema is current, a live host exists, no worker failing or waiting for a host",
+    )
+    p.add_argument(
+        "--max-failures",
+        type=_positive_int,
+        default=1,
+        metavar="K",
+        help="a worker with K or more consecutive failures is a problem (default 1)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of lines")
 
     p = add("stop", cmd_stop, "stop worker NAME: no more batches, pings ignored")
     p.add_argument("name", metavar="NAME")

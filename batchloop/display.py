@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 
-from .models import WorkerStatus
+from .models import HostStatus, WorkerStatus
 
 _BIDI = frozenset(
     "\u061c"  # ARABIC LETTER MARK
@@ -46,19 +46,41 @@ def printable(text: str) -> str:
     return "".join(_escape(c) if _unsafe(c) else c for c in text)
 
 
-def _ago(when: datetime | None) -> str:
+def relative(when: datetime | None, now: datetime) -> str:
+    """``when`` relative to ``now``: "in 4 s", "12 s ago", "now", "-" for None."""
     if when is None:
         return "-"
-    return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    delta = (when - now).total_seconds()
+    if abs(delta) < 1.0:
+        return "now"
+    span = _span(abs(delta))
+    return f"in {span}" if delta > 0 else f"{span} ago"
+
+
+def _span(seconds: float) -> str:
+    for unit, size in (("d", 86_400), ("h", 3_600), ("min", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)} {unit}"
+    return f"{int(seconds)} s"
+
+
+def state_label(s: WorkerStatus) -> str:
+    """The state as an operator should read it: a name nobody runs says so."""
+    return f"{s.state} (no host)" if s.stale else s.state
 
 
 def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def format_status_table(statuses: Sequence[WorkerStatus]) -> str:
-    """A fixed-width table of workers (the default ``status`` output)."""
-    header = ("NAME", "STATE", "GEN", "OWNER", "BATCHES", "FAILS", "LAST ERROR", "NEXT RUN")
+def format_status_table(statuses: Sequence[WorkerStatus], now: datetime | None = None) -> str:
+    """A fixed-width table of workers (the default ``status`` output); times relative to
+    ``now`` (default: this machine's clock)."""
+    now = now if now is not None else datetime.now(timezone.utc)
+    header = (
+        *("NAME", "STATE", "GEN", "OWNER", "BATCHES", "FAILS", "LAST ERROR", "NEXT RUN"),
+        "LAST WORK",
+    )
     rows = [header]
     for s in statuses:
         owner = f"{s.owner.hostname}:{s.owner.pid}" if s.owner is not None else "-"
@@ -69,17 +91,41 @@ def format_status_table(statuses: Sequence[WorkerStatus]) -> str:
         rows.append(
             (
                 _clip(printable(s.name), 40),
-                s.state,
+                state_label(s),
                 str(s.generation),
                 _clip(printable(owner), 30),
                 str(s.batches),
                 str(s.consecutive_failures),
                 error,
-                _ago(s.next_run_at),
+                relative(s.next_run_at, now),
+                relative(s.last_work_at, now),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    right = {2, 4, 5}
+    return _table(rows, right={2, 4, 5})
+
+
+def format_hosts_table(hosts: Sequence[HostStatus], now: datetime | None = None) -> str:
+    """A fixed-width table of hosts (``batchloop hosts``)."""
+    now = now if now is not None else datetime.now(timezone.utc)
+    rows = [("HOST", "HOSTNAME", "PID", "ALIVE", "STARTED", "HEARTBEAT", "OWNS")]
+    for h in hosts:
+        owned = ", ".join(printable(n) for n in h.owned) or "-"
+        rows.append(
+            (
+                h.host_id,
+                _clip(printable(h.hostname), 30),
+                str(h.pid),
+                "yes" if h.alive else "no",
+                relative(h.started_at, now),
+                relative(h.heartbeat_at, now),
+                _clip(owned, 60),
+            )
+        )
+    return _table(rows, right={2})
+
+
+def _table(rows: Sequence[Sequence[str]], right: set[int]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for row in rows:
         cells = [

@@ -82,6 +82,9 @@ class Config(BaseModel):
     """How long a frozen or unreachable owner may go unnoticed; also the retry backoff cap."""
     iteration_timeout: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
     """Cancel a work query plus worker that runs longer than this; counts as a failure."""
+    max_failures: int | None = Field(default=None, ge=1, le=2_147_483_647)
+    """Stop the worker after this many consecutive failures (None: retry for ever), keeping
+    ``last_error``: a poison batch ends in a visible state; :func:`batchloop.start` resumes it."""
 
 
 class Owner(BaseModel):
@@ -116,6 +119,44 @@ class WorkerStatus(BaseModel):
     config_error: str | None = None
     """Why the stored config could not be read (then ``config`` shows the default Config):
     a row edited by hand, say. Its loop cannot run until a ping with a valid config repairs it."""
+    owner_alive: bool = False
+    """A live process holds the name right now (its owner's session lock is held)."""
+    stale: bool = False
+    """It should be running (``running``, or ``waiting`` and due) but no live process holds it:
+    the work waits for a host that can run it."""
+
+
+class HostStatus(BaseModel):
+    """One host process, as :func:`batchloop.list_hosts` reads it from the database."""
+
+    model_config = ConfigDict(frozen=True)
+
+    host_id: str
+    hostname: str
+    pid: int
+    started_at: datetime
+    heartbeat_at: datetime
+    alive: bool
+    """Some connection of the host (its control or pool connections, which carry its
+    application name ``batchloop/<host_id>``) is open on the server, and its heartbeat is at
+    most ``HOST_ALIVE_WITHIN`` (60 s, the longest heartbeat_interval) old."""
+    owned: list[str] = Field(default_factory=list)
+    """Names whose loops it runs: their session lock is held and their state names it."""
+
+
+class Health(BaseModel):
+    """What :meth:`batchloop.Host.health` sees of its own host."""
+
+    model_config = ConfigDict(frozen=True)
+
+    ok: bool
+    connected: bool
+    """The control connection is alive."""
+    heartbeat_age: float | None
+    """Seconds since the last successful heartbeat; None before the first."""
+    owned: list[str] = Field(default_factory=list)
+    problems: list[str] = Field(default_factory=list)
+    """Human-readable, one per problem; empty when ok."""
 
 
 class TickReport(BaseModel):

@@ -14,7 +14,7 @@ from .models import Config, Owner, WorkerStatus
 
 _SAME_NAMED = (
     *("name", "generation", "work_query", "worker", "last_work_at", "next_run_at", "batches"),
-    *("consecutive_failures", "last_error", "last_error_at", "created_at"),
+    *("consecutive_failures", "last_error", "last_error_at", "created_at", "owner_alive", "stale"),
 )
 """The status query's columns that are WorkerStatus fields of the same name."""
 

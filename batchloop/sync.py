@@ -28,7 +28,7 @@ from .calls import PingResult
 from .connect import ConnectError, redact
 from .drivers._psycopg import require
 from .dsn import parse, scrub
-from .models import Config, WorkerStatus
+from .models import Config, HostStatus, WorkerStatus
 from .plans import Plan, run_sync
 from .schema_name import DEFAULT_SCHEMA, check_schema
 
@@ -40,7 +40,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("batchloop")
 T = TypeVar("T")
 
-__all__ = ["connect", "list_workers", "migrate", "ping", "start", "status", "stop"]
+__all__ = [
+    *("connect", "list_hosts", "list_workers", "migrate", "ping", "start", "status", "stop"),
+    "wake",
+]
 
 
 def connect(
@@ -108,6 +111,18 @@ def stop(conn: psycopg.Connection[Any], name: str, *, schema: str = DEFAULT_SCHE
 def start(conn: psycopg.Connection[Any], name: str, *, schema: str = DEFAULT_SCHEMA) -> bool:
     """Resume a stopped worker (see :func:`batchloop.start`); returns False when there is none."""
     return _run(conn, schema, calls.start(name, schema))
+
+
+def wake(conn: psycopg.Connection[Any], name: str, *, schema: str = DEFAULT_SCHEMA) -> bool:
+    """Sync :func:`batchloop.wake`: run ``name``'s loop now; False if unknown or stopped."""
+    return _run(conn, schema, calls.wake(name, schema))
+
+
+def list_hosts(
+    conn: psycopg.Connection[Any], *, schema: str = DEFAULT_SCHEMA
+) -> list[HostStatus]:
+    """Sync :func:`batchloop.list_hosts`."""
+    return _run(conn, schema, calls.list_hosts(schema))
 
 
 def status(

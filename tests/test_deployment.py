@@ -420,7 +420,7 @@ async def test_ping_stop_start_status_through_transaction_pooling(migrated_dsn: 
         # stop, work arrives while stopped, start: it is processed
         assert await bl.stop(single, name) is True
         assert await _state(pg, name) == "stopped"
-        assert await insert_and_ping(single, name, 4) == "unchanged"
+        assert await insert_and_ping(single, name, 4) == "stopped"
         assert await bl.start(pool, name) is True
         await wait_for(lambda: _count(conn, "SELECT count(*) FROM done"), expect=total + 6)
         assert [w.name for w in await bl.list_workers(pg)] == [name]

@@ -199,7 +199,7 @@ async def test_stop_fences_in_flight_batch_and_start_resumes(migrated_dsn: str) 
         committed = await _count(conn, "SELECT count(*) FROM done")
         assert committed == 1
         assert await _state(conn, "halt") == "stopped"
-        assert await insert_and_ping(conn, "halt", 1) == "unchanged"  # pings are ignored
+        assert await insert_and_ping(conn, "halt", 1) == "stopped"  # pings are ignored
         await asyncio.sleep(1.0)  # give a zombie loop every chance to commit (must not)
         assert await _count(conn, "SELECT count(*) FROM done") == committed
         assert await bl.stop(conn, "halt") is True  # idempotent

@@ -216,7 +216,7 @@ def test_stop_start_round_trip(conn: psycopg.Connection[Any]) -> None:
 
     # Pings are ignored while stopped.
     _insert(conn, "s")
-    assert bls.ping(conn, "s", next_items, process_items) == "unchanged"
+    assert bls.ping(conn, "s", next_items, process_items) == "stopped"
     conn.commit()
     assert bls.status(conn, "s").state == "stopped"  # type: ignore[union-attr]
 

@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import sys
+import time
 import uuid
 from collections.abc import Iterable
 from types import TracebackType
@@ -42,6 +43,7 @@ from ..drivers.asyncpg_control import AsyncpgControl
 from ..drivers.base import LoopDriver, Session
 from ..errors import BatchloopError, SchemaTooNewError
 from ..migrations import check_version
+from ..models import Health
 from ..observe import logs as observe_logs
 from ..registry import host_running, import_modules
 from ..schema_name import DEFAULT_SCHEMA, check_schema
@@ -164,6 +166,32 @@ class Host:
     def owned(self) -> set[str]:
         """Names whose loops this host runs right now."""
         return set(self._claims.loops)
+
+    def health(self) -> Health:
+        """This host's own view of its health (no I/O): whether its control connection is
+        alive, how old its last heartbeat is, and the names it runs."""
+        control = self._current.control
+        connected = self._runner is not None and self._current.alive()
+        age = None
+        if control is not None and control.beat_at is not None:
+            age = time.monotonic() - control.beat_at
+        problems = []
+        if self._runner is None:
+            problems.append("the host is not running (use `async with Host(...)`)")
+        elif not connected:
+            problems.append("the control connection is down; reconnecting")
+        # Other hosts take a name over once its owner's heartbeat is older than its monitor_lag
+        # (at least 1 s); three missed beats mean this host is about to lose its names.
+        limit = max(3 * self._heartbeat_every(), 5.0)
+        if connected and age is not None and age > limit:
+            problems.append(f"the last heartbeat succeeded {age:.1f} s ago (limit {limit:.0f} s)")
+        return Health(
+            ok=not problems,
+            connected=connected,
+            heartbeat_age=age,
+            owned=sorted(self._claims.loops),
+            problems=problems,
+        )
 
     async def __aenter__(self) -> Host:
         import_modules(self.modules)

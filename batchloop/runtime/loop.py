@@ -359,13 +359,23 @@ class NameLoop:
         self.last_error = message
         try:
             async with self.ctx.pool.acquire() as conn:
-                count = await self.ctx.driver.session(conn, self.ctx.schema).fetchval(
+                row = await self.ctx.driver.session(conn, self.ctx.schema).fetchrow(
                     "record_failure", self.name, self.generation, message[:4000], decision.delay
                 )
         except Exception as record_exc:
             log.warning("loop %r: could not record the failure: %s", self.name, record_exc)
             return decision
-        if count is None:
+        if row is None:
             return None  # superseded meanwhile
-        self.failures = int(count)
+        self.failures = int(row["consecutive_failures"])
+        if row["stopped"]:
+            # The database stopped it (Config.max_failures), bumping the generation: a poison
+            # batch ends here, visibly, until someone fixes it and calls start.
+            log.error(
+                "loop %r stopped after %d consecutive failures (max_failures); last error: %s;"
+                " `batchloop start %s` resumes it",
+                self.name, self.failures, message, self.name,
+            )
+            self.outcome = "stopped"
+            return None
         return decision

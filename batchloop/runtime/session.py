@@ -14,6 +14,7 @@ noticed. The driver is behind :class:`~batchloop.drivers.base.ControlConnection`
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,8 @@ class Control:
         """Which server the session is on (connect.SERVER_ID), read by ``identify``."""
         self.lost = anyio.Event()
         """Set once the connection is gone or distrusted; the host then starts a new session."""
+        self.beat_at: float | None = None
+        """``time.monotonic()`` of the last successful heartbeat (for ``Host.health``)."""
         connection.watch(self.lost.set)
 
     @property
@@ -294,3 +297,4 @@ async def heartbeat(control: Control, host_id: str, every: Callable[[], float]) 
             log.error("host %s was declared dead by another host; resetting", host_id)
             control.fail()
             return
+        control.beat_at = time.monotonic()

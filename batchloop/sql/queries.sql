@@ -22,6 +22,11 @@ SELECT v.newest, CASE WHEN v.newest > $2 THEN NULL
                  ELSE {schema}.start_worker($1, $2) END AS result
   FROM (SELECT max(version) AS newest FROM {schema}.schema_migrations) v
 
+-- name: wake
+SELECT v.newest, CASE WHEN v.newest > $2 THEN NULL
+                 ELSE {schema}.wake_worker($1, $2) END AS result
+  FROM (SELECT max(version) AS newest FROM {schema}.schema_migrations) v
+
 -- name: check_version
 -- Raises when schema_version() is newer than $1; returns the newest recorded migration.
 SELECT (SELECT max(version) FROM {schema}.schema_migrations) AS newest,
@@ -33,6 +38,8 @@ SELECT greatest({schema}.schema_version(),
                 (SELECT max(version) FROM {schema}.schema_migrations))
 
 -- name: status
+-- owner_alive: some live session holds the name's lock (its owner's control connection).
+-- stale: it should be running (running, or waiting and due) but nobody holds it.
 WITH held AS (
     SELECT (classid::bigint << 32) | objid::bigint AS key
       FROM pg_locks
@@ -41,13 +48,37 @@ WITH held AS (
 )
 SELECT w.name, w.status, s.generation, w.work_query, w.worker, w.config::text AS config,
        s.last_work_at, s.next_run_at, s.batches, s.consecutive_failures, s.last_error,
-       s.last_error_at, w.created_at, h.host_id, h.hostname, h.pid
+       s.last_error_at, w.created_at, h.host_id, h.hostname, h.pid,
+       w.lock_key IN (SELECT key FROM held) AS owner_alive,
+       (w.status = 'running' OR (w.status = 'waiting' AND s.next_run_at <= now()))
+           AND w.lock_key NOT IN (SELECT key FROM held) AS stale
   FROM {schema}.workers w
   JOIN {schema}.worker_state s USING (name)
   LEFT JOIN {schema}.hosts h
     ON h.host_id = s.owner_host AND w.lock_key IN (SELECT key FROM held)
  WHERE ($1::text IS NULL OR w.name = $1)
  ORDER BY w.name
+
+-- name: hosts
+-- alive: some backend of the host (control or pool connection; each carries its application
+-- name, batchloop/<host_id>) is connected, and its heartbeat is under $1 seconds old.
+-- owned: the names whose lock is held and whose state names this host.
+WITH held AS (
+    SELECT (classid::bigint << 32) | objid::bigint AS key
+      FROM pg_locks
+     WHERE locktype = 'advisory' AND objsubid = 1 AND granted
+       AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+)
+SELECT h.host_id, h.hostname, h.pid, h.started_at, h.heartbeat_at,
+       h.heartbeat_at > now() - make_interval(secs => $1)
+           AND EXISTS (SELECT FROM pg_stat_activity a
+                        WHERE a.application_name = 'batchloop/' || h.host_id) AS alive,
+       coalesce((SELECT array_agg(w.name ORDER BY w.name)
+                   FROM {schema}.worker_state s JOIN {schema}.workers w USING (name)
+                  WHERE s.owner_host = h.host_id AND w.lock_key IN (SELECT key FROM held)),
+                '{}') AS owned
+  FROM {schema}.hosts h
+ ORDER BY h.started_at, h.host_id
 
 -- Connection setup (batchloop/connect.py): no schema object, values inlined (SET takes none).
 
@@ -192,11 +223,8 @@ UPDATE {schema}.workers SET status = 'running', updated_at = now()
  WHERE name = $1 AND status = 'waiting'
 
 -- name: record_failure
-UPDATE {schema}.worker_state
-   SET consecutive_failures = consecutive_failures + 1, last_error = $3, last_error_at = now(),
-       next_run_at = now() + make_interval(secs => $4)
- WHERE name = $1 AND generation = $2
-RETURNING consecutive_failures
+-- No row when superseded; stopped: the count reached the config's max_failures (see schema.sql).
+SELECT consecutive_failures, stopped FROM {schema}.record_failure($1, $2, $3, $4)
 
 -- name: try_go_idle
 -- Exclusive against every in-flight ping of this name; false means a ping is in flight: keep going.

@@ -1,4 +1,4 @@
--- The batchloop schema after migration 0004 (state_revision): what migrations/0001 to 0004 make,
+-- The batchloop schema after migration 0005 (steering): what migrations/0001 to 0005 make,
 -- in one file, to read (tests/test_sql.py checks that both make the same catalog). A new
 -- migration changes this file too. `batchloop sql` prints it, wrapped as the runner applies a
 -- migration; `batchloop migrate` applies the migrations themselves.
@@ -151,7 +151,8 @@ BEGIN
          WHERE name = p_name;
         RETURN 'updated';
     END IF;
-    RETURN 'unchanged';
+    -- A stopped worker ignores the wakeup: say so, for the caller to notice a stop it missed.
+    RETURN CASE WHEN w.status = 'stopped' THEN 'stopped' ELSE 'unchanged' END;
 END $$;
 
 -- stop: fences any in-flight loop (generation bump waits for its iteration's row lock).
@@ -200,6 +201,71 @@ BEGIN
      WHERE name = p_name;
     PERFORM pg_notify(channel(), 'w:' || w.lock_key || ':' || p_name);
     RETURN 'started';
+END $$;
+
+-- wake: run the name's loop now (an operator's "run now"). Clears a failure backoff or a
+-- debounce (next_run_at := now()), wakes an idle or waiting worker as a ping does, and notifies
+-- so that the owner's sleeping loop re-reads run_in (or a host claims the name). Takes the wake
+-- lock shared like ping, so a concurrent go-idle cannot undo it. Never revives a stopped one.
+CREATE FUNCTION wake_worker(p_name text, p_code_version integer) RETURNS text
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE w workers%ROWTYPE;
+BEGIN
+    PERFORM check_version(p_code_version);
+    PERFORM pg_advisory_xact_lock_shared(lock_key('wake', p_name));
+    PERFORM 1 FROM worker_state WHERE name = p_name FOR UPDATE;  -- lock order: state first
+    IF NOT FOUND THEN
+        RETURN 'missing';
+    END IF;
+    SELECT * INTO w FROM workers WHERE name = p_name FOR UPDATE;
+    IF w.status = 'stopped' THEN
+        RETURN 'stopped';
+    END IF;
+    IF w.status <> 'running' THEN
+        UPDATE workers SET status = 'running', updated_at = now() WHERE name = p_name;
+    END IF;
+    -- last_work_at counts the wake as work, as a ping's does: the loop polls through its cooldown.
+    UPDATE worker_state SET next_run_at = now(), last_work_at = now() WHERE name = p_name;
+    PERFORM pg_notify(channel(), 'w:' || w.lock_key || ':' || p_name);
+    RETURN 'woken';
+END $$;
+
+-- record_failure: the loop's bookkeeping of a failed iteration, for its generation only. When
+-- the count reaches the config's max_failures the worker is stopped in the same statement,
+-- fenced as stop_worker is (generation bump), so a superseded loop, whose generation no longer
+-- matches, can neither count nor stop. A max_failures that is not a positive integer (a
+-- hand-edited row) counts as none. Returns no row when superseded.
+CREATE FUNCTION record_failure(p_name text, p_generation bigint, p_error text, p_backoff float8)
+RETURNS TABLE (consecutive_failures integer, stopped boolean)
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    n integer;
+    k bigint;
+    cap integer;
+BEGIN
+    UPDATE worker_state s
+       SET consecutive_failures = s.consecutive_failures + 1, last_error = p_error,
+           last_error_at = now(), next_run_at = now() + make_interval(secs => p_backoff)
+     WHERE s.name = p_name AND s.generation = p_generation
+    RETURNING s.consecutive_failures INTO n;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    SELECT CASE WHEN jsonb_typeof(w.config->'max_failures') = 'number'
+                 AND (w.config->>'max_failures')::numeric BETWEEN 1 AND 2147483647
+                THEN (w.config->>'max_failures')::numeric::integer END, w.lock_key
+      INTO cap, k
+      FROM workers w WHERE w.name = p_name;
+    IF cap IS NULL OR n < cap THEN
+        RETURN QUERY SELECT n, false;
+        RETURN;
+    END IF;
+    UPDATE worker_state s SET generation = s.generation + 1, owner_host = NULL, next_run_at = NULL
+     WHERE s.name = p_name;
+    UPDATE workers SET status = 'stopped', updated_at = now()
+     WHERE name = p_name AND status <> 'stopped';
+    PERFORM pg_notify(channel(), 's:' || k || ':' || p_name);
+    RETURN QUERY SELECT n, true;
 END $$;
 
 -- claim: run on a host's control connection. Never blocks: a state or worker row locked by an
