@@ -33,7 +33,7 @@ from .display import format_hosts_table, format_status_table, state_label
 from .drivers import _psycopg
 from .dsn import DsnError, parse, scrub
 from .errors import BatchloopError, SchemaMissingError
-from .migrations import code_version, schema_script
+from .migrations import code_version, schema_script, upgrade_script
 from .models import HostStatus, WorkerStatus
 from .registry import main_help, main_refs, refs
 from .schema_name import DEFAULT_SCHEMA, check_schema
@@ -131,6 +131,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
+    if args.from_version is not None:
+        sys.stdout.write(upgrade_script(args.schema, args.from_version))
+        return 0
     sys.stdout.write(schema_sql(args.schema))
     return 0
 
@@ -276,7 +279,12 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 async def _run_host(
-    dsn: str | None, schema: str, modules: list[str], driver: str, metrics_port: int | None = None
+    dsn: str | None,
+    schema: str,
+    modules: list[str],
+    driver: str,
+    metrics_port: int | None = None,
+    **host_options: Any,
 ) -> int:
     """Host until SIGINT (exit code 130) or SIGTERM (0: a service asked to stop)."""
     from .runtime.host import Host
@@ -307,7 +315,13 @@ async def _run_host(
         except (NotImplementedError, RuntimeError):  # pragma: no cover - not on this platform
             pass
     try:
-        async with Host(dsn, modules=modules, schema=schema, driver=driver) as host:  # type: ignore[arg-type]
+        async with Host(
+            dsn,
+            modules=modules,
+            schema=schema,
+            driver=driver,  # type: ignore[arg-type]
+            **host_options,
+        ) as host:
             serving = ""
             if server is not None:
                 # /healthz answers from Host.health() where the host has it; else 200 while up.
@@ -333,8 +347,44 @@ async def _run_host(
 def cmd_run(args: argparse.Namespace) -> int:
     _import_user_modules(args.modules, args.verbose)
     return asyncio.run(
-        _run_host(args.dsn, args.schema, list(args.modules), args.driver, args.metrics_port)
+        _run_host(
+            args.dsn,
+            args.schema,
+            list(args.modules),
+            args.driver,
+            args.metrics_port,
+            **_host_options(args),
+        )
     )
+
+
+def _host_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``run``'s Host settings given on the command line (or by BATCHLOOP_* variables); the
+    rest keep Host's defaults."""
+    given = {
+        "control_dsn": args.control_dsn,
+        "pool_max_size": args.pool_max_size,
+        "shutdown_grace": args.shutdown_grace,
+        "startup_timeout": args.startup_timeout,
+    }
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .web import create_app
+    except ImportError as exc:
+        raise CommandError(
+            f"batchloop web needs the 'web' extra ({_one_line(exc)}): pip install 'batchloop[web]'"
+        ) from exc
+    app = create_app(args.dsn, token=args.token, schema=args.schema)
+    mode = "actions need the token" if args.token else "read-only (no --token)"
+    print(f"batchloop status page on http://{args.host}:{args.port}/ ({mode})", flush=True)
+    # uvicorn handles SIGINT/SIGTERM itself and returns once it has shut down.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
 
 
 def cmd_tick(args: argparse.Namespace) -> int:
@@ -372,6 +422,26 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0: {text!r}")
+    return value
+
+
+def _version_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a schema version number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a schema version is 0 or more: {text!r}")
     return value
 
 
@@ -443,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="One loop per named queue, cluster-wide, over PostgreSQL.",
     )
     _global_options(parser, suppress=False)
+    parser.epilog = ENV_HELP
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     common = _Parser(add_help=False)
     _global_options(common, suppress=True)
@@ -454,12 +525,13 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     add("migrate", cmd_migrate, "create or upgrade the batchloop schema (idempotent)")
-    add(
+    p = add(
         "sql",
         cmd_sql,
         "print the current schema (batchloop/sql/schema.sql) as one script for a database "
         "without it; migrate makes the same schema from the migrations",
     )
+    _sql_from_option(p)
 
     p = add("status", cmd_status, "show workers: all of them, or NAME")
     p.add_argument("name", nargs="?", metavar="NAME", help="one worker's name")
@@ -515,6 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(pip install 'batchloop[metrics]')",
     )
 
+    _run_ops_options(p)
+
     p = add("tick", cmd_tick, "one bounded drain pass (for cron); prints a JSON report")
     p.add_argument("modules", nargs="+", metavar="MODULE", help="e.g. myapp.jobs")
     p.add_argument(
@@ -548,7 +622,140 @@ def build_parser() -> argparse.ArgumentParser:
         default=20,
         help="average events per producer transaction (default 20)",
     )
+    _add_web_command(add)
     return parser
+
+
+ENV_HELP = (
+    "Every option can also be set by an environment variable: BATCHLOOP_ and the option's "
+    "long name in capitals with - as _ (--schema: BATCHLOOP_SCHEMA, --pool-max-size: "
+    "BATCHLOOP_POOL_MAX_SIZE; flags take 1/0, true/false, yes/no). The command line wins; "
+    "--dsn falls back to BATCHLOOP_DSN, then DATABASE_URL."
+)
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _run_ops_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--control-dsn",
+        default=None,
+        metavar="DSN",
+        help="a direct (not pooled) DSN for the host's control connection, when --dsn goes "
+        "through a transaction pooler such as PgBouncer",
+    )
+    p.add_argument(
+        "--pool-max-size",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="connections in the host's pool for callables (default 10)",
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        type=_non_negative_float,
+        default=None,
+        metavar="SECONDS",
+        help="on SIGTERM, how long in-flight batches may take to finish (default 10); give "
+        "the service manager's stop timeout a margin over it",
+    )
+    p.add_argument(
+        "--startup-timeout",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="give up starting when the database does not answer in SECONDS (default 30)",
+    )
+
+
+def _sql_from_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--from",
+        dest="from_version",
+        type=_version_number,
+        default=None,
+        metavar="N",
+        help="print instead the upgrade from schema version N to this batchloop's (for "
+        "Alembic, Flyway, Django RunSQL); 0 means an empty database",
+    )
+
+
+def _add_web_command(add: Callable[..., Any]) -> None:
+    p = add(
+        "web",
+        cmd_web,
+        "serve a live status page of every worker and host (extra 'web'); read-only unless "
+        "--token is given",
+    )
+    p.add_argument("--port", type=_port, default=8080, help="default 8080")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument(
+        "--token",
+        default=None,
+        help="enables stop/start/wake for requests with 'Authorization: Bearer TOKEN' (the "
+        "page has a form for it); prefer BATCHLOOP_TOKEN, which ps does not show",
+    )
+
+
+def _apply_environment(parser: argparse.ArgumentParser, command: str) -> None:
+    """Defaults from BATCHLOOP_* variables for the main options and ``command``'s (only that
+    one's: a variable meant for another command is no error here). A bad value is a usage
+    error naming the variable."""
+    sub = _subcommands(parser).get(command)
+    for owner in (parser, sub):
+        if owner is None:
+            continue
+        for action in owner._actions:
+            if action.default is argparse.SUPPRESS or action.dest in ("dsn", "help", "version"):
+                continue  # subcommand copies of the main options; dsn has its own rule
+            longs = [o for o in action.option_strings if o.startswith("--")]
+            if not longs:
+                continue
+            var = "BATCHLOOP_" + longs[0][2:].upper().replace("-", "_")
+            if var not in os.environ:
+                continue
+            action.default = _env_value(owner, action, var, os.environ[var])
+
+
+def _env_value(
+    parser: argparse.ArgumentParser, action: argparse.Action, var: str, text: str
+) -> Any:
+    def fail(why: str) -> typing.NoReturn:
+        parser.error(f"environment variable {var}={text!r}: {why}")
+
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if text.strip().lower() not in _TRUE | _FALSE:
+            fail("expected 1/0, true/false or yes/no")
+        value = text.strip().lower() in _TRUE
+        return value if isinstance(action, argparse._StoreTrueAction) else not value
+    if isinstance(action, argparse._CountAction):
+        try:
+            return int(text)
+        except ValueError:
+            fail("expected a number")
+    convert: Callable[[str], Any] = action.type if callable(action.type) else str
+    items = (
+        [t.strip() for t in text.split(",") if t.strip()]
+        if isinstance(action, argparse._AppendAction)
+        else [text]
+    )
+    values = []
+    for item in items:
+        try:
+            value = convert(item)
+        except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
+            fail(str(exc) or "invalid value")
+        if action.choices is not None and value not in action.choices:
+            fail(f"choose from {', '.join(map(str, action.choices))}")
+        values.append(value)
+    return values if isinstance(action, argparse._AppendAction) else values[0]
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
 
 
 def _configure_logging(verbose: int, command: str, log_format: str = "text") -> None:
@@ -574,6 +781,9 @@ def _configure_logging(verbose: int, command: str, log_format: str = "text") -> 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
+        args = parser.parse_args(argv)
+        # Again with BATCHLOOP_* defaults for that command: the first pass only finds which.
+        _apply_environment(parser, args.command)
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2

@@ -107,6 +107,33 @@ def schema_script(schema: str) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def upgrade_script(schema: str, from_version: int) -> str:
+    """The migrations after ``from_version`` as one script, for an external migration tool
+    (Alembic, Flyway, Django ``RunSQL``): what ``batchloop sql --from N`` prints. The same
+    statements ``migrate`` runs; each applied migration is recorded, so the script fails (and
+    its transaction rolls back) on a schema that already has one of them."""
+    check_schema(schema)
+    current = code_version()
+    if not 0 <= from_version <= current:
+        raise ValueError(
+            f"--from {from_version}: the versions are 0 (no schema) to {current} (this "
+            f"batchloop's); pass the version the database has: SELECT max(version) FROM "
+            f"{schema}.schema_migrations"
+        )
+    pending = [m for m in migrations() if m.version > from_version]
+    header = (
+        f"-- batchloop schema {schema!r}: upgrade from version {from_version} to {current}"
+        + (" (nothing to do)" if not pending else "")
+        + ".\n-- Run it as one transaction: psql -v ON_ERROR_STOP=1 -f FILE"
+    )
+    if not pending:
+        return header + "\n"
+    parts = [header, "BEGIN;", _prologue(schema)]
+    parts += [_applied(schema, m.sql, [m]) for m in pending]
+    parts += [_epilogue(schema), "COMMIT;"]
+    return "\n\n".join(parts) + "\n"
+
+
 def _prologue(schema: str) -> str:
     return sql.script(
         schema,
