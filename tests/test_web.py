@@ -31,10 +31,6 @@ with warnings.catch_warnings():  # starlette's note about httpx2, not about this
 
 from batchloop.web import create_app
 
-HAS_HOSTS = hasattr(batchloop, "list_hosts")
-HAS_WAKE = hasattr(batchloop, "wake")
-NO_HOSTS = "batchloop.list_hosts() is not in this branch yet (issue 11, helper steer)"
-NO_WAKE = "batchloop.wake() is not in this branch yet (issue 11, helper steer)"
 EVIL = '<img src=x onerror="window.__pwned=1">&amp;'
 TOKEN = "s3cret-token"
 
@@ -123,7 +119,6 @@ def test_empty_token_is_refused(migrated_dsn: str) -> None:
         create_app(migrated_dsn, token="")
 
 
-@pytest.mark.skipif(not HAS_WAKE, reason=NO_WAKE)
 def test_wake_action(migrated_dsn: str) -> None:
     make_worker(migrated_dsn, "alpha")
     with TestClient(create_app(migrated_dsn, token=TOKEN)) as client:
@@ -133,7 +128,6 @@ def test_wake_action(migrated_dsn: str) -> None:
         assert res.status_code == 200 and res.json()["action"] == "wake"
 
 
-@pytest.mark.skipif(not HAS_HOSTS, reason=NO_HOSTS)
 def test_api_hosts_lists_live_hosts(migrated_dsn: str) -> None:
     import asyncio
 
@@ -147,14 +141,6 @@ def test_api_hosts_lists_live_hosts(migrated_dsn: str) -> None:
     assert jobs  # the module the host runs
     found = asyncio.run(with_host())
     assert len(found) == 1 and found[0]["alive"] is True
-
-
-def test_api_hosts_without_list_hosts_says_so(migrated_dsn: str) -> None:
-    if HAS_HOSTS:
-        pytest.skip("list_hosts exists: covered by test_api_hosts_lists_live_hosts")
-    with TestClient(create_app(migrated_dsn)) as client:
-        res = client.get("/api/hosts")
-        assert res.status_code == 501 and "list_hosts" in res.json()["error"]
 
 
 # ------------------------------------------------------------------ a real browser

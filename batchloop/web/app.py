@@ -13,7 +13,6 @@ import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 
@@ -35,19 +34,11 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 log = logging.getLogger("batchloop")
 STATIC = Path(__file__).resolve().parent / "static"
 
-# Added by the steering work (issue 11); looked up in this one place so the page degrades (no
-# hosts table, no wake button) on a batchloop without them instead of failing to import.
-_list_hosts: Callable[..., Awaitable[list[Any]]] | None = getattr(batchloop, "list_hosts", None)
-_wake: Callable[..., Awaitable[bool]] | None = getattr(batchloop, "wake", None)
-
 Action = Callable[..., Awaitable[bool]]
 
 
 def _actions() -> dict[str, Action]:
-    found: dict[str, Action] = {"stop": batchloop.stop, "start": batchloop.start}
-    if _wake is not None:
-        found["wake"] = _wake
-    return found
+    return {"stop": batchloop.stop, "start": batchloop.start, "wake": batchloop.wake}
 
 
 def create_app(
@@ -94,13 +85,8 @@ def create_app(
         return JSONResponse([w.model_dump(mode="json") for w in found])
 
     async def hosts(request: Request) -> Response:
-        if _list_hosts is None:
-            return JSONResponse(
-                {"error": "this batchloop has no list_hosts(): upgrade it to see hosts"},
-                status_code=501,
-            )
         async with state["pool"].acquire() as conn:
-            found = await _list_hosts(conn, schema=schema)
+            found = await batchloop.list_hosts(conn, schema=schema)
         return JSONResponse([h.model_dump(mode="json") for h in found])
 
     async def session(request: Request) -> Response:
