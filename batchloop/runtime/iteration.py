@@ -49,7 +49,7 @@ from ..models import Config, Debounce, Idle, Work
 from ..observe import tracing
 from ..registry import Registered, lookup
 from ..status import parse_config
-from . import decide
+from . import decide, outcome
 from .decide import Decision, RunAgain, Sleep
 
 log = logging.getLogger("batchloop")
@@ -285,6 +285,18 @@ class Iteration:
             io, self.schema, self.name, self.generation, self.stop_key, prepare=self.prepare
         )
         booked = await tx.begin(self.loaded.revision)
+        with outcome.collect() as pending:
+            try:
+                decision, processed = await self._transaction(io, tx, booked, worked_at)
+            except BaseException:
+                outcome.settle(pending, committed=False)
+                raise
+            outcome.settle(pending, committed=True)
+        return decision, processed
+
+    async def _transaction(
+        self, io: WorkConnection, tx: Transaction, booked: bool, worked_at: float | None
+    ) -> tuple[Decision, bool]:
         try:
             if not booked:
                 await self._fence(io.session)
