@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("batchloop")
 
 
-
 class ConnectError(BatchloopError):
     """The database could not be reached with the given DSN."""
 

@@ -118,9 +118,7 @@ def wake(conn: psycopg.Connection[Any], name: str, *, schema: str = DEFAULT_SCHE
     return _run(conn, schema, calls.wake(name, schema))
 
 
-def list_hosts(
-    conn: psycopg.Connection[Any], *, schema: str = DEFAULT_SCHEMA
-) -> list[HostStatus]:
+def list_hosts(conn: psycopg.Connection[Any], *, schema: str = DEFAULT_SCHEMA) -> list[HostStatus]:
     """Sync :func:`batchloop.list_hosts`."""
     return _run(conn, schema, calls.list_hosts(schema))
 

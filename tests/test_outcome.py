@@ -4,10 +4,10 @@ transaction ends, with whether it committed; never before, never twice."""
 from __future__ import annotations
 
 import asyncpg
+import outcome_jobs
 import pytest
 
 import batchloop as bl
-import outcome_jobs
 from batchloop.runtime.outcome import on_outcome
 
 pytestmark = pytest.mark.anyio

@@ -116,8 +116,18 @@ def test_without_libpq_import_demo_and_asyncpg_work(
     assert imported.stdout.strip() == batchloop.__version__
 
     ran = _run(
-        venv, env, "batchloop", "--dsn", dsn, "demo", "--events", "400", "--producers", "2",
-        "--batch", "50",
+        venv,
+        env,
+        "batchloop",
+        "--dsn",
+        dsn,
+        "demo",
+        "--events",
+        "400",
+        "--producers",
+        "2",
+        "--batch",
+        "50",
     )
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert "final status:" in ran.stdout and "OK" in ran.stdout
@@ -209,8 +219,19 @@ def test_psycopg_features_fail_clearly_when_psycopg_cannot_load(
 
 
 def _copy_tree(dest: Path) -> None:
-    skip = {".git", ".venv", "venv", ".ci", "build", "dist", ".mypy_cache", ".ruff_cache",
-            ".pytest_cache", ".hypothesis", "__pycache__"}
+    skip = {
+        ".git",
+        ".venv",
+        "venv",
+        ".ci",
+        "build",
+        "dist",
+        ".mypy_cache",
+        ".ruff_cache",
+        ".pytest_cache",
+        ".hypothesis",
+        "__pycache__",
+    }
     shutil.copytree(ROOT, dest, ignore=lambda _d, names: [n for n in names if n in skip])
 
 
@@ -261,8 +282,17 @@ def test_sdist_has_the_project_and_nothing_from_a_virtualenv(tmp_path: Path) -> 
     strays = [n for n in names if "site-packages" in n or "venv/" in n or "__pycache__" in n]
     assert strays == []
     assert {n.split("/", 1)[0] for n in names} <= {
-        "LICENSE", "README.md", "pyproject.toml", "PKG-INFO", "batchloop", "migrations",
-        "tests", "examples", "bench", "docs", ".gitignore",
+        "LICENSE",
+        "README.md",
+        "pyproject.toml",
+        "PKG-INFO",
+        "batchloop",
+        "migrations",
+        "tests",
+        "examples",
+        "bench",
+        "docs",
+        ".gitignore",
     }
     assert "Classifier: Programming Language :: Python :: 3.10" in metadata
     assert "Project-URL: Repository, https://github.com/batchloop/batchloop" in metadata

@@ -79,9 +79,7 @@ else:
 def socket_gone(exc: BaseException) -> bool:
     """psycopg raises a bare OperationalError (no SQLSTATE) when the socket goes."""
     return bool(
-        psycopg is not None
-        and isinstance(exc, psycopg.OperationalError)
-        and exc.sqlstate is None
+        psycopg is not None and isinstance(exc, psycopg.OperationalError) and exc.sqlstate is None
     )
 
 

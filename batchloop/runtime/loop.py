@@ -374,7 +374,10 @@ class NameLoop:
             log.error(
                 "loop %r stopped after %d consecutive failures (max_failures); last error: %s;"
                 " `batchloop start %s` resumes it",
-                self.name, self.failures, message, self.name,
+                self.name,
+                self.failures,
+                message,
+                self.name,
             )
             self.outcome = "stopped"
             return None
