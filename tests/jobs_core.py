@@ -1,0 +1,65 @@
+"""Job types for tests/test_jobs*.py (module-level, so every host registers the same ones)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pydantic
+
+import batchloop.jobs as jobs
+
+
+class Item(pydantic.BaseModel):
+    n: int
+    fail_times: int = 0
+    """Raise on the first this many attempts."""
+    sleep: float = 0.0
+
+
+GATES: dict[int, asyncio.Event] = {}
+"""Handlers of `gated` wait for GATES[n] to be set (created on demand)."""
+STARTED: list[tuple[int, int]] = []
+"""(n, attempt) of every handler start in this process."""
+COMPLETED: list[tuple[int, str]] = []
+"""(job id, status) of every on_complete call in this process."""
+
+
+def gate(n: int) -> asyncio.Event:
+    return GATES.setdefault(n, asyncio.Event())
+
+
+async def record(conn: Any, run: jobs.JobRun) -> None:
+    COMPLETED.append((run.id, run.status))
+    if type(conn).__module__.startswith("psycopg"):
+        sql = "INSERT INTO completions (job_id, status) VALUES (%s, %s)"
+        await conn.execute(sql, (run.id, run.status))
+    else:
+        await conn.execute(
+            "INSERT INTO completions (job_id, status) VALUES ($1, $2)", run.id, run.status
+        )
+
+
+@jobs.job("t.echo", queue="core", max_attempts=3, on_complete=record)
+async def echo(ctx: jobs.JobContext, payload: Item) -> dict[str, Any]:
+    STARTED.append((payload.n, ctx.attempt))
+    if ctx.attempt <= payload.fail_times:
+        raise RuntimeError(f"failing attempt {ctx.attempt}")
+    if payload.sleep:
+        await asyncio.sleep(payload.sleep)
+    return {"n": payload.n, "attempt": ctx.attempt}
+
+
+@jobs.job("t.gated", queue="core", max_attempts=2, on_complete=record)
+async def gated(ctx: jobs.JobContext, payload: Item) -> dict[str, Any] | None:
+    STARTED.append((payload.n, ctx.attempt))
+    await ctx.progress(40)
+    await gate(payload.n).wait()
+    if await ctx.cancelled():
+        return {"stopped": True}
+    return {"n": payload.n}
+
+
+@jobs.job("t.fatal", queue="core", on_complete=record)
+async def fatal(ctx: jobs.JobContext, payload: Item) -> None:
+    raise jobs.NonRetryable(f"no way: {payload.n}")
