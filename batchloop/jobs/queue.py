@@ -14,10 +14,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import batchloop as bl
 
+from ..calls import ping_args
 from ..drivers import session_for
 from ..runtime.host import Host, current_host
 from ..runtime.outcome import on_outcome
@@ -87,8 +89,11 @@ async def next_jobs(conn: Any, name: str) -> bl.Work[Due] | bl.Idle:
         assert row is not None
         ids = [*row["due"], *row["ending"]]
         now = time.monotonic()
-        if ids and now < _sweep_checked.get(queue, 0.0):
-            return bl.Work(Due(queue, ids))
+        if now < _sweep_checked.get(queue, 0.0):
+            if ids:
+                return bl.Work(Due(queue, ids))
+            if row["busy"] >= settings.concurrency:
+                return _at_capacity(row["expiry_in"])
         times = await s.fetchrow("jobs_next", queue, types, settings.retention)
         assert times is not None
     run_in, expiry_in, sweep_in = times["run_in"], times["expiry_in"], times["sweep_in"]
@@ -97,13 +102,17 @@ async def next_jobs(conn: Any, name: str) -> bl.Work[Due] | bl.Idle:
     if ids or sweep:
         return bl.Work(Due(queue, ids, sweep))
     if row["busy"] >= settings.concurrency:
-        # Waiting for a slot: a completion (this host's runner pokes the loop; another's ping
-        # wakes it once it sleeps) or an expired lease.
-        timeout = max(0.01, expiry_in) if expiry_in is not None else None
-        return bl.Idle(timeout=timeout, cooldown=COOLDOWN, poll_interval=AT_CAPACITY_POLL)
+        return _at_capacity(expiry_in)
     soonest = [t for t in (run_in, expiry_in, sweep_in) if t is not None]
     timeout = max(0.01, min(soonest)) if soonest else None
     return bl.Idle(timeout=timeout, cooldown=COOLDOWN, poll_interval=POLL)
+
+
+def _at_capacity(expiry_in: float | None) -> bl.Idle:
+    """Every slot taken: wait for a completion (this host's runner pokes the loop; another's
+    ping wakes it once it sleeps) or for the first lease to expire."""
+    timeout = max(0.01, expiry_in) if expiry_in is not None else None
+    return bl.Idle(timeout=timeout, cooldown=COOLDOWN, poll_interval=AT_CAPACITY_POLL)
 
 
 @bl.worker
@@ -138,3 +147,9 @@ async def lease_jobs(conn: Any, batch: Due) -> bl.Debounce | None:
 async def wake_queue(conn: Any, queue: str, schema: str) -> None:
     """Ping the queue's loop in the caller's transaction (free while it runs: no write)."""
     await bl.ping(conn, queue_name(queue), next_jobs, lease_jobs, schema=schema)
+
+
+@cache
+def ping_of(queue: str) -> tuple[Any, ...]:
+    """The arguments of the ``ping`` function for the queue's loop (jobs_complete sends one)."""
+    return ping_args(queue_name(queue), next_jobs, lease_jobs, None)

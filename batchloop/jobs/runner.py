@@ -13,6 +13,7 @@ attempts, one statement for all of them, a third of the way into each lease.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -148,6 +149,7 @@ class Runtime:
         self.closing = False
         self._flusher: asyncio.Task[None] | None = None
         self._extender: asyncio.Task[None] | None = None
+        self._held: tuple[contextlib.AbstractAsyncContextManager[Any], Any] | None = None
 
     # ------------------------------------------------------------------ handlers
 
@@ -222,9 +224,12 @@ class Runtime:
             await self.flush()
 
     async def flush(self) -> None:
-        """Record every finished attempt queued so far."""
+        """Record every finished attempt queued so far, one statement per queue."""
         while self.done:
-            batch, self.done = self.done[:FLUSH_MAX], self.done[FLUSH_MAX:]
+            queue = self.done[0].attempt.spec.queue
+            batch = [c for c in self.done if c.attempt.spec.queue == queue][:FLUSH_MAX]
+            taken = {id(c) for c in batch}
+            self.done = [c for c in self.done if id(c) not in taken]
             await self._record_with_retries(batch)
         self._idle.set()
 
@@ -238,6 +243,7 @@ class Runtime:
                 if sqlstate(exc) is not None:
                     await self._record_apart(batch, exc)
                     return
+                await self._drop_connection()
                 if self.closing and pause >= RECORD_RETRY_MAX:
                     log.error("jobs: cannot record %d completions (%s); giving up", len(batch), exc)
                     return
@@ -259,29 +265,44 @@ class Runtime:
         error = storable(f"could not record the attempt's outcome: {describe(exc)}")
         await self._record_with_retries([Completion(one.attempt, "fail", error=error)])
 
-    async def _record(self, batch: list[Completion]) -> None:
-        from .queue import queue_name, wake_queue
+    async def _connection(self) -> Any:
+        """The flusher's own pool connection, kept: no pool round trip per flush."""
+        if self._held is None:
+            lease = self.host.lend()
+            self._held = (lease, await lease.__aenter__())
+        return self._held[1]
 
-        queues = sorted({c.attempt.spec.queue for c in batch})
-        async with (
-            self.host.lend() as conn,
-            session_for(conn, self.schema) as s,
-            conn.transaction(),
-        ):
-            rows = await s.fetch(
-                "jobs_complete",
-                [c.attempt.id for c in batch],
-                [c.attempt.attempt for c in batch],
-                [c.outcome for c in batch],
-                [c.result for c in batch],
-                [c.error for c in batch],
-                [c.delay for c in batch],
-            )
-            for row in rows:
-                if row["status"] in FINAL and row["on_complete"]:
-                    await call_on_complete(conn, from_row(row))
-            for queue in queues:
-                await wake_queue(conn, queue, self.schema)
+    async def _drop_connection(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            with contextlib.suppress(Exception):
+                await held[0].__aexit__(None, None, None)
+
+    async def _record(self, batch: list[Completion]) -> None:
+        """One queue's completions, with their on_complete calls and the queue's ping."""
+        from .queue import ping_of, queue_name
+
+        queue = batch[0].attempt.spec.queue
+        args = (
+            [c.attempt.id for c in batch],
+            [c.attempt.attempt for c in batch],
+            [c.outcome for c in batch],
+            [c.result for c in batch],
+            [c.error for c in batch],
+            [c.delay for c in batch],
+            *ping_of(queue),
+        )
+        conn = await self._connection()
+        async with session_for(conn, self.schema) as s:
+            if any(c.attempt.spec.on_complete is not None for c in batch):
+                async with conn.transaction():
+                    rows = await s.fetch("jobs_complete", *args)
+                    for row in rows:
+                        if row["status"] in FINAL and row["on_complete"]:
+                            await call_on_complete(conn, from_row(row))
+            else:
+                # One statement needs no transaction of its own.
+                rows = await s.fetch("jobs_complete", *args)
         if len(rows) < len(batch):
             recorded = {row["id"] for row in rows}
             for c in batch:
@@ -296,8 +317,7 @@ class Runtime:
                     )
         for c in batch:
             self._forget(c.attempt)
-        for queue in queues:
-            self.host.poke(queue_name(queue))
+        self.host.poke(queue_name(queue))
 
     def _forget(self, a: Attempt) -> None:
         if self.attempts.get((a.id, a.attempt)) is a:
@@ -394,4 +414,5 @@ class Runtime:
             for helper in helpers:
                 helper.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
+            await self._drop_connection()
             _runtimes.pop(self.host, None)

@@ -29,7 +29,8 @@ RETURNING id
 
 -- name: jobs_due
 -- The queue's work query. $1 queue, $2 the types this process runs, $3 concurrency.
--- busy: live leases (they hold slots, wherever their handlers run); due: pending jobs whose
+-- busy: live leases (they hold slots, wherever their handlers run), expiry_in: seconds to the
+-- first lease's end; due: pending jobs whose
 -- run_at passed and expired leases, up to the free slots; ending: cancels to record (they take
 -- no slot). Types this process does not run are never leased here.
 WITH busy AS (
@@ -37,6 +38,9 @@ WITH busy AS (
      WHERE queue = $1 AND status = 'running' AND lease_until > now()
 )
 SELECT busy.n AS busy,
+       extract(epoch FROM (SELECT min(lease_until) FROM {schema}.jobs
+                            WHERE queue = $1 AND status = 'running') - now())::float8
+           AS expiry_in,
        ARRAY(SELECT d.id FROM (
                 (SELECT id, run_at AS due_at FROM {schema}.jobs
                   WHERE queue = $1 AND status = 'pending' AND run_at <= now()
@@ -97,27 +101,35 @@ UPDATE {schema}.jobs j
 RETURNING j.*
 
 -- name: jobs_complete
--- Record finished attempts, in one statement: $1 ids, $2 attempts, $3 outcomes ('ok', 'retry',
--- 'fail'), $4 results (JSON texts), $5 errors, $6 retry delays (s). Only rows still running
--- that attempt change (the fence); the others' outcomes are stale and dropped.
-UPDATE {schema}.jobs j
-   SET status = {schema}.jobs_next_status(j.cancel_requested, c.outcome, j.attempts,
-                                           j.max_attempts),
-       result = CASE WHEN c.outcome = 'ok' THEN c.result::jsonb ELSE j.result END,
-       error = CASE WHEN c.outcome = 'ok' THEN NULL ELSE c.error END,
-       progress = CASE WHEN c.outcome = 'ok' AND NOT j.cancel_requested THEN 100
-                       ELSE j.progress END,
-       run_at = CASE WHEN {schema}.jobs_next_status(j.cancel_requested, c.outcome, j.attempts,
-                                                     j.max_attempts) = 'pending'
-                     THEN now() + make_interval(secs => c.delay) ELSE j.run_at END,
-       lease_until = NULL,
-       completed_at = CASE WHEN {schema}.jobs_next_status(j.cancel_requested, c.outcome,
-                                                           j.attempts, j.max_attempts) = 'pending'
-                           THEN NULL ELSE now() END
-  FROM unnest($1::bigint[], $2::integer[], $3::text[], $4::text[], $5::text[], $6::float8[])
-       AS c(id, attempt, outcome, result, error, delay)
- WHERE j.id = c.id AND j.status = 'running' AND j.attempts = c.attempt
-RETURNING j.*
+-- Record finished attempts of one queue, in one statement: $1 ids, $2 attempts, $3 outcomes
+-- ('ok', 'retry', 'fail'), $4 results (JSON texts), $5 errors, $6 retry delays (s). Only rows
+-- still running that attempt change (the fence); the others' outcomes are stale, dropped.
+-- $7..$12: the ping of the queue's loop (see ping in queries.sql), in the same statement, so
+-- a loop that went to sleep leases the freed slots (a no-op, writing nothing, while it runs).
+WITH done AS (
+    UPDATE {schema}.jobs j
+       SET status = {schema}.jobs_next_status(j.cancel_requested, c.outcome, j.attempts,
+                                               j.max_attempts),
+           result = CASE WHEN c.outcome = 'ok' THEN c.result::jsonb ELSE j.result END,
+           error = CASE WHEN c.outcome = 'ok' THEN NULL ELSE c.error END,
+           progress = CASE WHEN c.outcome = 'ok' AND NOT j.cancel_requested THEN 100
+                           ELSE j.progress END,
+           run_at = CASE WHEN {schema}.jobs_next_status(j.cancel_requested, c.outcome,
+                                                         j.attempts, j.max_attempts) = 'pending'
+                         THEN now() + make_interval(secs => c.delay) ELSE j.run_at END,
+           lease_until = NULL,
+           completed_at = CASE WHEN {schema}.jobs_next_status(j.cancel_requested, c.outcome,
+                                                               j.attempts, j.max_attempts)
+                                    = 'pending'
+                               THEN NULL ELSE now() END
+      FROM unnest($1::bigint[], $2::integer[], $3::text[], $4::text[], $5::text[],
+                  $6::float8[]) AS c(id, attempt, outcome, result, error, delay)
+     WHERE j.id = c.id AND j.status = 'running' AND j.attempts = c.attempt
+    RETURNING j.*
+)
+SELECT done.*,
+       (SELECT {schema}.ping($7, $8, $9, $10::jsonb, $11::jsonb, $12::integer)) AS pinged
+  FROM done
 
 -- name: jobs_extend
 -- Extend the leases of running attempts ($1 ids, $2 attempts); returns those still ours.
