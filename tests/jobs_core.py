@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import pydantic
@@ -50,7 +51,7 @@ async def echo(ctx: jobs.JobContext, payload: Item) -> dict[str, Any]:
     return {"n": payload.n, "attempt": ctx.attempt}
 
 
-@jobs.job("t.gated", queue="core", max_attempts=2, on_complete=record)
+@jobs.job("t.gated", queue="core", max_attempts=3, on_complete=record)
 async def gated(ctx: jobs.JobContext, payload: Item) -> dict[str, Any] | None:
     STARTED.append((payload.n, ctx.attempt))
     await ctx.progress(40)
@@ -63,3 +64,43 @@ async def gated(ctx: jobs.JobContext, payload: Item) -> dict[str, Any] | None:
 @jobs.job("t.fatal", queue="core", on_complete=record)
 async def fatal(ctx: jobs.JobContext, payload: Item) -> None:
     raise jobs.NonRetryable(f"no way: {payload.n}")
+
+
+FLAKY = {"fail": True}
+
+
+@jobs.job("t.flaky", queue="core", max_attempts=1, on_complete=record)
+async def flaky(ctx: jobs.JobContext, payload: Item) -> dict[str, Any]:
+    if FLAKY["fail"]:
+        raise RuntimeError("flaky for now")
+    return {"n": payload.n}
+
+
+BLOCK = os.environ.get("JOBS_BLOCK") == "1"
+"""Set in a host subprocess that is to be killed mid-job."""
+
+
+@jobs.job("t.sticky", queue="sticky", lease=1.0, max_attempts=3, on_complete=record)
+async def sticky(ctx: jobs.JobContext, payload: Item) -> dict[str, Any]:
+    await ctx.progress(10)
+    if BLOCK:
+        await asyncio.Event().wait()
+    return {"n": payload.n, "pid": os.getpid()}
+
+
+RUNNING = {"now": 0, "max": 0}
+
+
+@jobs.job("t.limited", queue="limited", concurrency=3, on_complete=record)
+async def limited(ctx: jobs.JobContext, payload: Item) -> None:
+    RUNNING["now"] += 1
+    RUNNING["max"] = max(RUNNING["max"], RUNNING["now"])
+    try:
+        await asyncio.sleep(payload.sleep)
+    finally:
+        RUNNING["now"] -= 1
+
+
+@jobs.job("t.swept", queue="swept", retention=0.5)
+async def swept(ctx: jobs.JobContext, payload: int) -> None:
+    return None

@@ -17,7 +17,6 @@ import contextlib
 import logging
 import random
 import time
-import traceback
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -63,7 +62,9 @@ def storable(text: str) -> str:
 
 
 def describe(exc: BaseException) -> str:
-    return storable("".join(traceback.format_exception_only(type(exc), exc)).strip())
+    """``Type: message``, as a job's ``error`` keeps it (the traceback goes to the log)."""
+    text = str(exc)
+    return storable(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
 
 
 def encode_result(result: object) -> str | None:
