@@ -9,6 +9,7 @@ from typing import Any
 import pydantic
 
 import batchloop.jobs as jobs
+from batchloop.runtime.host import current_host
 
 
 class Item(pydantic.BaseModel):
@@ -89,10 +90,14 @@ async def sticky(ctx: jobs.JobContext, payload: Item) -> dict[str, Any]:
 
 
 RUNNING = {"now": 0, "max": 0}
+HOSTS: list[str] = []
+"""host_id of the Host that ran each `limited` handler."""
 
 
 @jobs.job("t.limited", queue="limited", concurrency=3, on_complete=record)
 async def limited(ctx: jobs.JobContext, payload: Item) -> None:
+    host = current_host()
+    HOSTS.append(host.host_id if host is not None else "?")
     RUNNING["now"] += 1
     RUNNING["max"] = max(RUNNING["max"], RUNNING["now"])
     try:
