@@ -428,3 +428,30 @@ async def conn_wait(pconn: psycopg.AsyncConnection[Any], job_id: int) -> None:
 
     # The retried job's run_at is its retry's time: due at once.
     await wait_for(done)
+
+
+async def test_an_expired_lease_on_the_last_attempt_fails_and_a_requested_cancel_ends(
+    conn: asyncpg.Connection, migrated_dsn: str
+) -> None:
+    spent = await jobs_core.sticky.dispatch(conn, jobs_core.Item(n=1))
+    dropped = await jobs_core.sticky.dispatch(conn, jobs_core.Item(n=2))
+    # As if their host had died: attempt 3 of 3 for one, a cancel requested for the other.
+    await conn.execute(
+        "UPDATE batchloop.jobs SET status = 'running', lease_until = now() - interval '1 s',"
+        " attempts = CASE WHEN id = $1 THEN 3 ELSE 1 END, cancel_requested = (id = $2)",
+        spent,
+        dropped,
+    )
+    async with bl.Host(migrated_dsn, modules=["jobs_core"]):
+        await wait_for(lambda: _status(conn, spent), expect="failed")
+        await wait_for(lambda: _status(conn, dropped), expect="canceled")
+    run = await jobs.get(conn, spent)
+    assert run is not None and run.attempts == 3
+    assert run.error == (
+        "lease expired on attempt 3 of 3 (its host died or stalled); no attempts left"
+    )
+    for job_id in (spent, dropped):  # neither ran again (a run would have set started_at)
+        again = await jobs.get(conn, job_id)
+        assert again is not None and again.started_at is None and again.progress == 0
+    rows = await conn.fetch("SELECT job_id, status FROM completions ORDER BY job_id")
+    assert [tuple(r) for r in rows] == [(spent, "failed"), (dropped, "canceled")]
