@@ -109,3 +109,15 @@ async def limited(ctx: jobs.JobContext, payload: Item) -> None:
 @jobs.job("t.swept", queue="swept", retention=0.5)
 async def swept(ctx: jobs.JobContext, payload: int) -> None:
     return None
+
+
+async def explode(conn: Any, run: jobs.JobRun) -> None:
+    await record(conn, run)
+    raise RuntimeError("on_complete exploded")
+
+
+@jobs.job("t.loud", queue="core", on_complete=explode)
+async def loud(ctx: jobs.JobContext, payload: Item) -> Any:
+    if payload.n < 0:
+        return [payload.n]  # not a dict: the attempt fails
+    return {"n": payload.n}
