@@ -104,6 +104,14 @@ class NameLoop:
     cancelled."""
     batches: int = 0
     last_error: str | None = None
+    polling: bool = False
+    """The last iteration found no work within the cooldown: the loop sleeps only until its
+    next poll, and a ping may cut that short (:meth:`work_arrived`)."""
+    sleeping: bool = False
+    """Inside :meth:`_sleep` (only then does a poke cut anything short)."""
+    arrived: bool = False
+    """A ping committed work while the loop polls (a 'c' wake-up) and the loop has not run an
+    iteration that could see it yet."""
     worked_at: float = 0.0
     """``anyio.current_time()`` of the last batch or wake, for the cooldown: set from the
     database's ``since_work`` at the claim and at every re-arm, then by our own batches."""
@@ -152,6 +160,16 @@ class NameLoop:
         """Cut the current sleep short (a ping woke us, or the host is shutting down)."""
         self.poke.set()
 
+    def work_arrived(self) -> None:
+        """A ping committed work while this loop was cooling down: poll now, not at the next
+        poll. Only a poll is cut short; a debounce, a failure backoff or a waiting deadline
+        stands. If an iteration is running, its query may have missed the work (its snapshot
+        came first): the next poll then follows at once."""
+        if self.polling:
+            self.arrived = True
+            if self.sleeping:
+                self.poke.set()
+
     async def run(self) -> None:
         """Run until superseded, idle, stopped or cancelled; then release the name."""
         # Every log record made in this loop, the user's callables' included, is about it.
@@ -167,6 +185,10 @@ class NameLoop:
                 if delay > 0 and await self._sleep(delay):
                     if self.stopping:
                         break
+                    if self.arrived:
+                        # The iteration's fence is the authority; no need to re-read the state.
+                        self.arrived, delay = False, 0.0
+                        continue
                     fresh = await self._rearm()
                     if fresh is None:
                         self.outcome = "stopped"
@@ -181,6 +203,8 @@ class NameLoop:
                     if decision.timeout is None or self.once:
                         break
                     delay = decision.timeout
+                elif self.polling and self.arrived:
+                    self.arrived, delay = False, 0.0  # work arrived during this iteration
                 else:
                     delay = decision.delay
             else:
@@ -193,11 +217,15 @@ class NameLoop:
 
     async def _sleep(self, delay: float) -> bool:
         """Sleep; True if poked before the delay ran out."""
-        with anyio.move_on_after(delay):
-            await self.poke.wait()
-            self.poke = anyio.Event()
-            return True
-        return False
+        self.sleeping = True
+        try:
+            with anyio.move_on_after(delay):
+                await self.poke.wait()
+                self.poke = anyio.Event()
+                return True
+            return False
+        finally:
+            self.sleeping = False
 
     async def _rearm(self) -> float | None:
         """After a poke: how long until we should run, per the database (None: give up)."""
@@ -288,10 +316,13 @@ class NameLoop:
                     await self._end_backend(pid, server)
             raise
         self.ctx.in_flight.pop(pid, None)
+        # Polling: no batch and not going to sleep; only then may a ping's 'c' cut a sleep short.
+        self.polling = not processed and not isinstance(decision, Sleep)
         if processed:
             self.failures = 0
             self.batches += 1
             self.worked_at = anyio.current_time()
+            self.arrived = False
         return decision
 
     async def _end_backend(self, pid: int, server: str | None) -> None:

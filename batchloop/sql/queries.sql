@@ -201,14 +201,16 @@ SELECT w.status, s.revision
 -- follows sees what the lock holder committed.
 UPDATE {schema}.worker_state s
    SET batches = s.batches + 1, prev_work_at = s.last_work_at, last_work_at = now(),
-       consecutive_failures = 0, next_run_at = now()
+       consecutive_failures = 0, next_run_at = now(), cooling = false
   FROM {schema}.workers w
  WHERE w.name = s.name AND s.name = $1 AND s.generation = $2 AND s.revision = $3
    AND w.status = 'running' AND pg_try_advisory_xact_lock_shared($4)
 
 -- name: unbook_batch
+-- The query found no work (within the cooldown): the counters go back, and the loop is cooling,
+-- so that a ping tells its owner at once (migrations/0006).
 UPDATE {schema}.worker_state
-   SET batches = batches - 1, last_work_at = prev_work_at
+   SET batches = batches - 1, last_work_at = prev_work_at, cooling = true
  WHERE name = $1 AND generation = $2
 
 -- name: debounce
