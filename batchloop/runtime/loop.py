@@ -74,6 +74,11 @@ class LoopContext:
     application_name: str | None = None
     """The host's, on every connection it opens: lets a loop end the server side of a
     connection it lost mid-statement, and only that (None: never try)."""
+    polls: anyio.Semaphore | None = None
+    """Bounds the cooldown polls running at once (None: no bound), so that when thousands of
+    loops cool down together, their polls (speculative: nothing was found last time, and a
+    ping on a cooling loop wakes it anyway) leave pool connections free for loops with work:
+    under such load a poll runs late rather than a first batch."""
     in_flight: dict[int, str | None] = field(default_factory=dict)
     """Server pids of connections inside an iteration, each with the server it is on
     (:func:`batchloop.connect.server_id`): if the host loses its session, these may be zombies
@@ -290,6 +295,13 @@ class NameLoop:
             )
 
     async def _iterate(self) -> Decision:
+        polls = self.ctx.polls
+        if polls is not None and self.polling and not self.arrived:
+            async with polls:
+                return await self._iterate_now()
+        return await self._iterate_now()
+
+    async def _iterate_now(self) -> Decision:
         if self._held is None:
             lease = self.ctx.pool.acquire()
             self._held = (lease, await lease.__aenter__())

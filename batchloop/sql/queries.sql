@@ -115,7 +115,15 @@ INSERT INTO {schema}.hosts (host_id, hostname, pid) VALUES ($1, $2, $3)
 ON CONFLICT (host_id) DO UPDATE SET heartbeat_at = now()
 
 -- name: heartbeat
-UPDATE {schema}.hosts SET heartbeat_at = now() WHERE host_id = $1 RETURNING host_id
+-- Also publishes how many names this host owns ($2) and reads the other live hosts' counts
+-- (as of their last heartbeats), for even shares: no statement of its own.
+UPDATE {schema}.hosts SET heartbeat_at = now(), owned = $2 WHERE host_id = $1
+RETURNING host_id,
+          (SELECT count(*)::int FROM {schema}.hosts h
+            WHERE h.host_id <> $1 AND h.heartbeat_at > now() - interval '10 seconds') AS others,
+          (SELECT coalesce(sum(h.owned), 0)::int FROM {schema}.hosts h
+            WHERE h.host_id <> $1 AND h.heartbeat_at > now() - interval '10 seconds')
+            AS others_owned
 
 -- name: orphans
 -- One query per monitor tick for all names. Returns running or due-waiting workers that this

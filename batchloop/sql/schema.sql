@@ -1,4 +1,4 @@
--- The batchloop schema after migration 0006 (warm_wake): what migrations/0001 to 0006 make,
+-- The batchloop schema after migration 0006 (wake_and_share): what migrations/0001 to 0006 make,
 -- in one file, to read (tests/test_sql.py checks that both make the same catalog). A new
 -- migration changes this file too. `batchloop sql` prints it, wrapped as the runner applies a
 -- migration; `batchloop migrate` applies the migrations themselves.
@@ -49,7 +49,8 @@ CREATE TABLE hosts (
     hostname      text NOT NULL,
     pid           integer NOT NULL,
     started_at    timestamptz NOT NULL DEFAULT now(),
-    heartbeat_at  timestamptz NOT NULL DEFAULT now()
+    heartbeat_at  timestamptz NOT NULL DEFAULT now(),
+    owned         integer NOT NULL DEFAULT 0  -- names owned at the last heartbeat (even shares)
 ) WITH (fillfactor = 50);
 
 -- lock_key() and channel() have the schema's name written in as a literal: a SQL function with

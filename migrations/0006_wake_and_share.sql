@@ -1,9 +1,13 @@
--- batchloop schema, version 6: warm wake-ups. worker_state.cooling is true while a running
--- loop's last iteration found no work (it polls until its cooldown ends); the iteration's own
--- writes keep it (book_batch clears it, unbook_batch sets it: no extra statement), and ping
--- reads it in the statement it already runs, to NOTIFY the owner only then.
+-- batchloop schema, version 6: warm wake-ups and even shares.
+-- worker_state.cooling is true while a running loop's last iteration found no work (it polls
+-- until its cooldown ends); the iteration's own writes keep it (book_batch clears it,
+-- unbook_batch sets it: no extra statement), and ping reads it in the statement it already
+-- runs, to NOTIFY the owner only then.
+-- hosts.owned is how many names the host owned at its last heartbeat (which writes it): a
+-- host over an even share lets the others claim new names first.
 
 ALTER TABLE worker_state ADD COLUMN cooling boolean NOT NULL DEFAULT false;
+ALTER TABLE hosts ADD COLUMN owned integer NOT NULL DEFAULT 0;
 
 CREATE OR REPLACE FUNCTION ping(p_name text, p_work_query text, p_worker text, p_config jsonb,
                      p_default_config jsonb, p_code_version integer) RETURNS text
