@@ -1,4 +1,4 @@
--- Named queries of batchloop.jobs (migrations/0006_jobs.sql). Every write to a running job is
+-- Named queries of batchloop.jobs (migrations/0007_jobs.sql). Every write to a running job is
 -- fenced by its attempt number: "status = 'running' AND attempts = <the attempt's>".
 -- "Final" statuses: completed, failed, canceled.
 

@@ -1,4 +1,4 @@
--- batchloop schema, version 6: jobs (batchloop.jobs). One row per job; the loop of its queue
+-- batchloop schema, version 7: jobs (batchloop.jobs). One row per job; the loop of its queue
 -- (the batchloop name 'jobs:<queue>') leases due rows in its iteration transaction, the owning
 -- host runs the handlers outside any transaction, and their completions are fenced by the
 -- attempt number, so a stale attempt (its lease lost) cannot overwrite a newer one.
