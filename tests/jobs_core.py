@@ -121,3 +121,14 @@ async def loud(ctx: jobs.JobContext, payload: Item) -> Any:
     if payload.n < 0:
         return [payload.n]  # not a dict: the attempt fails
     return {"n": payload.n}
+
+
+@jobs.job("t.later", queue="core")
+async def later(ctx: jobs.JobContext, payload: Later) -> None:
+    return None
+
+
+class Later(pydantic.BaseModel):
+    """Defined after its handler: the annotation resolves on first use."""
+
+    x: int

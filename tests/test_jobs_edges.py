@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import jobs_core
+import pydantic
 import pytest
 
 import batchloop as bl
@@ -151,3 +152,13 @@ async def test_a_queue_paused_with_batchloop_stop_resumes_with_start(
         assert await bl.start(conn, name) is True
         await wait_for(lambda: _status(conn, second), expect="completed")
         await wait_for(lambda: _status(conn, first), expect="completed")
+
+
+async def test_a_payload_class_defined_after_its_handler_validates(
+    conn: asyncpg.Connection,
+) -> None:
+    job_id = await jobs_core.later.dispatch(conn, {"x": "1"}, delay=3600)  # type: ignore[arg-type]
+    run = await jobs.get(conn, job_id)
+    assert run is not None and run.payload == {"x": 1}
+    with pytest.raises(pydantic.ValidationError):
+        await jobs_core.later.dispatch(conn, {"x": "one"})  # type: ignore[arg-type]

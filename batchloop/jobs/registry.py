@@ -39,19 +39,27 @@ class NonRetryable(Exception):
     """Raise it from a handler to fail the job at once, without retrying."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class JobSpec:
     """What the registry knows of a job type."""
 
     type: str
     queue: str
     handler: Callable[..., Awaitable[Any]]
-    adapter: TypeAdapter[Any]
     max_attempts: int
     lease: float
     on_complete: OnComplete | None
     concurrency: int | None
     retention: float | None
+    _adapter: TypeAdapter[Any] | None = None
+
+    @property
+    def adapter(self) -> TypeAdapter[Any]:
+        """Validates payloads against the handler's annotation (resolved on first use when
+        it names a class defined after the handler)."""
+        if self._adapter is None:
+            self._adapter = _payload_adapter(self.handler, self.type)
+        return self._adapter
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,8 +168,24 @@ def _payload_adapter(func: Callable[..., Any], type_: str) -> TypeAdapter[Any]:
             f"job {type_!r}: a handler takes (ctx, payload), {func.__qualname__} takes "
             f"{len(params)} parameters"
         )
-    hints = typing.get_type_hints(func)
+    try:
+        hints = typing.get_type_hints(func)
+    except NameError as exc:
+        raise TypeError(
+            f"job {type_!r}: the payload annotation of {func.__qualname__} does not resolve "
+            f"({exc}); define its type at module level"
+        ) from exc
     return TypeAdapter(hints.get(params[1].name, Any))
+
+
+def _check_signature(func: Callable[..., Any], type_: str) -> TypeAdapter[Any] | None:
+    """The payload adapter, or None while the annotation names a class not defined yet."""
+    try:
+        return _payload_adapter(func, type_)
+    except TypeError as exc:
+        if isinstance(exc.__cause__, NameError):
+            return None
+        raise
 
 
 def job(
@@ -226,12 +250,12 @@ def job(
             type,
             queue,
             func,
-            _payload_adapter(func, type),
             max_attempts,
             float(lease),
             on_complete,
             concurrency,
             None if retention is None else float(retention),
+            _check_signature(func, type),
         )
         existing = _types.get(type)
         if existing is not None and _ref(existing.handler) != _ref(func):

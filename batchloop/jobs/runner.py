@@ -189,6 +189,9 @@ class Runtime:
             error = f"the payload no longer validates against job {a.spec.type!r}: {exc}"
             self._finish(Completion(a, "fail", error=storable(error)))
             return
+        except Exception as exc:  # e.g. an annotation that never resolves
+            self._finish(Completion(a, "fail", error=describe(exc)))
+            return
         try:
             result = await a.spec.handler(JobContext(a), payload)
             text = encode_result(result)
