@@ -40,7 +40,14 @@ POLL = 0.05
 AT_CAPACITY_POLL = 0.2
 """Every slot taken: this host's completions wake the loop at once; others' within this."""
 
-_sweep_checked: dict[str, float] = {}
+_sweep_checked: dict[tuple[str, str], float] = {}
+"""(host_id, queue): when the busy queue's loop next looks for jobs past retention."""
+
+
+def forget_host(host_id: str) -> None:
+    """The host exited: drop what its loops remembered."""
+    for key in [key for key in _sweep_checked if key[0] == host_id]:
+        del _sweep_checked[key]
 
 
 def queue_name(queue: str) -> str:
@@ -89,7 +96,7 @@ async def next_jobs(conn: Any, name: str) -> bl.Work[Due] | bl.Idle:
         assert row is not None
         ids = [*row["due"], *row["ending"]]
         now = time.monotonic()
-        if now < _sweep_checked.get(queue, 0.0):
+        if now < _sweep_checked.get((host.host_id, queue), 0.0):
             if ids:
                 return bl.Work(Due(queue, ids))
             if row["busy"] >= settings.concurrency:
@@ -98,7 +105,8 @@ async def next_jobs(conn: Any, name: str) -> bl.Work[Due] | bl.Idle:
         assert times is not None
     run_in, expiry_in, sweep_in = times["run_in"], times["expiry_in"], times["sweep_in"]
     sweep = sweep_in is not None and sweep_in <= 0
-    _sweep_checked[queue] = now + (SWEEP_CHECK if sweep_in is None else min(SWEEP_CHECK, sweep_in))
+    next_check = SWEEP_CHECK if sweep_in is None else min(SWEEP_CHECK, sweep_in)
+    _sweep_checked[host.host_id, queue] = now + next_check
     if ids or sweep:
         return bl.Work(Due(queue, ids, sweep))
     if row["busy"] >= settings.concurrency:
@@ -136,7 +144,8 @@ async def lease_jobs(conn: Any, batch: Due) -> bl.Debounce | None:
             if gone:
                 log.debug("job queue %r: deleted %d finished jobs", batch.queue, gone)
                 if gone >= SWEEP_BATCH:
-                    _sweep_checked.pop(batch.queue, None)  # more to go: check again next time
+                    # More to go: look again at the next iteration.
+                    _sweep_checked.pop((host.host_id, batch.queue), None)
     if started:
         on_outcome(lambda committed: runtime.start(started) if committed else None)
     if batch.ids and not rows:

@@ -420,3 +420,6 @@ class Runtime:
             await asyncio.gather(*helpers, return_exceptions=True)
             await self._drop_connection()
             _runtimes.pop(self.host, None)
+            from .queue import forget_host
+
+            forget_host(self.host.host_id)
