@@ -162,3 +162,21 @@ async def test_a_payload_class_defined_after_its_handler_validates(
     assert run is not None and run.payload == {"x": 1}
     with pytest.raises(pydantic.ValidationError):
         await jobs_core.later.dispatch(conn, {"x": "one"})  # type: ignore[arg-type]
+
+
+async def test_a_dead_lease_of_an_unknown_type_does_not_keep_the_loop_polling(
+    conn: asyncpg.Connection, migrated_dsn: str
+) -> None:
+    await conn.execute(
+        "INSERT INTO batchloop.jobs (type, queue, status, payload, max_attempts, lease_seconds,"
+        " attempts, lease_until) VALUES ('ghost', 'core', 'running', '{}', 3, 60, 1,"
+        " now() - interval '1 minute')"
+    )
+    async with bl.Host(migrated_dsn, modules=["jobs_core"]):
+        job_id = await jobs_core.echo.dispatch(conn, jobs_core.Item(n=1))
+        await wait_for(lambda: _status(conn, job_id), expect="completed")
+        # Nothing it can run is due: the loop goes to sleep (idle or waiting), no polling.
+        await wait_for(
+            lambda: bl.status(conn, jobs.queue_name("core")),
+            expect=lambda s: s is not None and s.state in ("idle", "waiting"),
+        )

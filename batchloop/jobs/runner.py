@@ -225,7 +225,12 @@ class Runtime:
             self._have.clear()
             # Let the handlers already scheduled finish too: they join this flush.
             await asyncio.sleep(0)
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:  # pragma: no cover - a bug here must not stop the flusher
+                log.exception("jobs: the completion flusher failed; going on")
+                self._have.set()
+                await asyncio.sleep(1.0)
 
     async def flush(self) -> None:
         """Record every finished attempt queued so far, one statement per queue."""

@@ -30,7 +30,7 @@ RETURNING id
 -- name: jobs_due
 -- The queue's work query. $1 queue, $2 the types this process runs, $3 concurrency.
 -- busy: live leases (they hold slots, wherever their handlers run), expiry_in: seconds to the
--- first lease's end; due: pending jobs whose
+-- first live lease's end; due: pending jobs whose
 -- run_at passed and expired leases, up to the free slots; ending: cancels to record (they take
 -- no slot). Types this process does not run are never leased here.
 WITH busy AS (
@@ -39,8 +39,8 @@ WITH busy AS (
 )
 SELECT busy.n AS busy,
        extract(epoch FROM (SELECT min(lease_until) FROM {schema}.jobs
-                            WHERE queue = $1 AND status = 'running') - now())::float8
-           AS expiry_in,
+                            WHERE queue = $1 AND status = 'running'
+                              AND lease_until > now()) - now())::float8 AS expiry_in,
        ARRAY(SELECT d.id FROM (
                 (SELECT id, run_at AS due_at FROM {schema}.jobs
                   WHERE queue = $1 AND status = 'pending' AND run_at <= now()
@@ -59,14 +59,14 @@ SELECT busy.n AS busy,
   FROM busy
 
 -- name: jobs_next
--- When nothing is due: seconds until the next run_at, lease expiry and retention sweep
+-- When nothing is due: seconds until the next run_at, live lease's end and retention sweep
 -- ($1 queue, $2 types this process runs, $3 retention in seconds); sweep: one is due now.
 SELECT extract(epoch FROM (SELECT min(run_at) FROM {schema}.jobs
                             WHERE queue = $1 AND status = 'pending'
                               AND type = ANY($2::text[])) - now())::float8 AS run_in,
        extract(epoch FROM (SELECT min(lease_until) FROM {schema}.jobs
-                            WHERE queue = $1 AND status = 'running') - now())::float8
-           AS expiry_in,
+                            WHERE queue = $1 AND status = 'running'
+                              AND lease_until > now()) - now())::float8 AS expiry_in,
        extract(epoch FROM (SELECT min(completed_at) FROM {schema}.jobs
                             WHERE queue = $1 AND status IN ('completed', 'failed', 'canceled'))
                           + make_interval(secs => $3::float8) - now())::float8 AS sweep_in
