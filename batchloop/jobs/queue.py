@@ -11,8 +11,11 @@ runner starts the handlers, outside any transaction.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -84,9 +87,8 @@ def _types(queue: str) -> list[str]:
     return types
 
 
-@bl.work_query
 async def next_jobs(conn: Any, name: str) -> bl.Work[Due] | bl.Idle:
-    """The work query of every job queue's loop."""
+    """What every job queue's work query does (see :func:`callables_for`)."""
     queue = name.removeprefix(PREFIX)
     host = _host(queue)
     types = _types(queue)
@@ -123,9 +125,8 @@ def _at_capacity(expiry_in: float | None) -> bl.Idle:
     return bl.Idle(timeout=timeout, cooldown=COOLDOWN, poll_interval=AT_CAPACITY_POLL)
 
 
-@bl.worker
 async def lease_jobs(conn: Any, batch: Due) -> bl.Debounce | None:
-    """The worker of every job queue's loop: lease, record cancels, sweep."""
+    """What every job queue's worker does: lease, record cancels, sweep."""
     from .runner import call_on_complete, runtime_of
 
     host = _host(batch.queue)
@@ -153,12 +154,41 @@ async def lease_jobs(conn: Any, batch: Due) -> bl.Debounce | None:
     return None
 
 
+Callables = tuple[Callable[..., Awaitable[Any]], Callable[..., Awaitable[Any]]]
+
+
+@cache
+def callables_for(queue: str) -> Callables:
+    """The queue's own work query and worker, registered in this process once one of its job
+    types is: a host whose process defines no type of a queue lacks them, so it never claims
+    the queue's loop (the registry rule), and leaves it to a host that has them.
+
+    Both are module-level attributes of this module, named after the queue
+    (``batchloop.jobs.queue:jobs_<queue>_<hash>_query``), and call :func:`next_jobs` and
+    :func:`lease_jobs`."""
+    stem = "jobs_" + re.sub(r"\W", "_", queue)[:40] + "_"
+    stem += hashlib.sha1(queue.encode()).hexdigest()[:8]
+
+    async def query(conn: Any, name: str) -> bl.Work[Due] | bl.Idle:
+        return await next_jobs(conn, name)
+
+    async def worker(conn: Any, batch: Due) -> bl.Debounce | None:
+        return await lease_jobs(conn, batch)
+
+    for func, suffix in ((query, "_query"), (worker, "_worker")):
+        func.__name__ = func.__qualname__ = stem + suffix
+        func.__module__ = __name__
+        globals()[func.__name__] = func
+    return bl.work_query(query), bl.worker(worker)
+
+
 async def wake_queue(conn: Any, queue: str, schema: str) -> None:
     """Ping the queue's loop in the caller's transaction (free while it runs: no write)."""
-    await bl.ping(conn, queue_name(queue), next_jobs, lease_jobs, schema=schema)
+    query, worker = callables_for(queue)
+    await bl.ping(conn, queue_name(queue), query, worker, schema=schema)
 
 
 @cache
 def ping_of(queue: str) -> tuple[Any, ...]:
     """The arguments of the ``ping`` function for the queue's loop (jobs_complete sends one)."""
-    return ping_args(queue_name(queue), next_jobs, lease_jobs, None)
+    return ping_args(queue_name(queue), *callables_for(queue), None)

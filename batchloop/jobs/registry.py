@@ -271,6 +271,9 @@ def job(
                         f"{other.type!r}); the types of a queue share one {what}"
                     )
         _types[type] = spec
+        from .queue import callables_for
+
+        callables_for(queue)  # the queue's loop runs only where its callables are registered
         return Job(spec)
 
     return register
