@@ -48,10 +48,12 @@ async def test_the_concurrency_limit_holds_across_two_hosts(
     ids = await jobs_core.limited.dispatch_many(conn, items)
     live: list[int] = []
 
+    watcher = await asyncpg.connect(migrated_dsn)  # the test body uses conn meanwhile
+
     async def sample() -> None:
         while True:
             live.append(
-                await conn.fetchval(
+                await watcher.fetchval(
                     "SELECT count(*) FROM batchloop.jobs WHERE queue = 'limited'"
                     " AND status = 'running' AND lease_until > now()"
                 )
@@ -86,7 +88,8 @@ async def test_the_concurrency_limit_holds_across_two_hosts(
     finally:
         sampler.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await sampler  # before anything else uses its connection
+            await sampler
+        await watcher.close()
         for host in hosts:
             await host.__aexit__(None, None, None)
     assert jobs_core.RUNNING["max"] == 3  # reached, never exceeded
