@@ -395,6 +395,12 @@ async def test_dispatch_many_returns_ids_in_order(
     assert await jobs.list_jobs(conn, type="t.gated") == []
     with pytest.raises(ValueError, match="status"):
         await jobs.list_jobs(conn, status="done")
+    assert await jobs.cancel(conn, ids[0]) is True
+    counts = await jobs.queue_counts(conn)
+    assert counts == {
+        "core": {"pending": 4, "running": 0, "completed": 0, "failed": 0, "canceled": 1}
+    }
+    assert await jobs.queue_counts(conn, queue="other") == {}
 
 
 async def test_psycopg_connections_work_for_every_call(migrated_dsn: str) -> None:

@@ -7,7 +7,7 @@ See ``docs/jobs.md``. ``batchloop migrate`` creates the jobs table.
 ['DEFAULT_RETENTION', 'Job', 'JobContext', 'JobRun']
 """
 
-from .admin import cancel, get, list_jobs, retry
+from .admin import cancel, get, list_jobs, queue_counts, retry
 from .context import JobContext
 from .model import JobRun, Status
 from .queue import queue_name
@@ -24,6 +24,7 @@ __all__ = [
     "get",
     "job",
     "list_jobs",
+    "queue_counts",
     "queue_name",
     "retry",
 ]

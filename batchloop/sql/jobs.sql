@@ -207,3 +207,9 @@ UPDATE {schema}.jobs
        progress = 0, result = NULL, lease_until = NULL, started_at = NULL, completed_at = NULL
  WHERE id = $1 AND status IN ('failed', 'canceled')
 RETURNING *
+
+-- name: jobs_counts
+-- Jobs per queue and status ($1 queue, NULL: every queue).
+SELECT queue, status, count(*)::bigint AS n FROM {schema}.jobs
+ WHERE $1::text IS NULL OR queue = $1::text
+ GROUP BY queue, status ORDER BY queue, status
