@@ -1,0 +1,262 @@
+"""batchloop.fastapi and examples/fastapi_app.py under real uvicorn processes on a real database:
+requests insert and ping in their transaction, a failing request leaves nothing, two replicas
+share the loop, and SIGTERM drains (the in-flight batch commits, the other replica takes the
+name over, the process exits 0, nothing is left unprocessed and no owner is left behind)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+from web_support import free_port  # noqa: E402
+
+import batchloop as bl  # noqa: E402
+import batchloop.fastapi as blf  # noqa: E402 - module level: endpoint annotations resolve here
+
+from helpers import count, wait_for  # noqa: E402
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = ROOT / "examples" / "fastapi_app.py"
+WORK_SECONDS = 0.3
+"""The example's pretend cost of a batch: long enough for a SIGTERM to land inside one."""
+
+
+class App:
+    """One ``python examples/fastapi_app.py`` process (uvicorn) on a free port."""
+
+    def __init__(self, dsn: str, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        env = {
+            **os.environ,
+            "BATCHLOOP_DSN": dsn,
+            "PORT": str(self.port),
+            "ORDER_WORK_SECONDS": str(WORK_SECONDS),
+            "LOG_LEVEL": "warning",
+        }
+        env.pop("DATABASE_URL", None)
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(APP)], env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    async def ready(self, client: Any) -> None:
+        async def up() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"app exited with {self.proc.returncode}: {self.output()}")
+            try:
+                return (await client.get(self.url + "/healthz")).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        await wait_for(up, timeout=30, interval=0.05, message="the app answers /healthz")
+
+    async def terminate(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return await self.wait()
+
+    async def wait(self, timeout: float = 30.0) -> int:
+        code = await wait_for(lambda: self.proc.poll(), timeout=timeout, expect=_exited)
+        return int(code)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _exited(code: int | None) -> bool:
+    return code is not None
+
+
+@pytest.fixture
+def apps(migrated_dsn: str, tmp_path: Path) -> Iterator[list[App]]:
+    """Two replicas of the example app on the same database (killed if a test leaves them)."""
+    started = [App(migrated_dsn, tmp_path / f"app{i}.log") for i in range(2)]
+    try:
+        yield started
+    finally:
+        for app in started:
+            app.kill()
+
+
+@pytest.fixture
+async def db(migrated_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(migrated_dsn)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[Any]:
+    async with httpx.AsyncClient(timeout=30) as c:
+        yield c
+
+
+async def _order(client: Any, app: App, item: str, *, fail: bool = False) -> Any:
+    params: dict[str, Any] = {"item": item}
+    if fail:
+        params["fail"] = "true"
+    return await client.post(app.url + "/orders", params=params)
+
+
+async def _unprocessed(db: asyncpg.Connection) -> int:
+    return await count(db, "SELECT count(*) FROM orders WHERE processed_at IS NULL")
+
+
+async def _batch_in_flight(db: asyncpg.Connection) -> bool:
+    """A worker is inside its pretend work (the example's pg_sleep) right now."""
+    n = await count(
+        db,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND state = 'active' AND query LIKE 'SELECT pg_sleep%'",
+    )
+    return n > 0
+
+
+async def test_two_replicas_process_requests_and_drain_on_sigterm(
+    apps: list[App], db: asyncpg.Connection, client: Any
+) -> None:
+    a, b = apps
+    await asyncio.gather(a.ready(client), b.ready(client))
+
+    # A request that raises after its insert and ping leaves neither (the first ping would
+    # have created the worker).
+    failed = await _order(client, a, "doomed", fail=True)
+    assert failed.status_code == 500
+    assert await count(db, "SELECT count(*) FROM orders") == 0
+    assert await bl.status(db, "orders") is None
+
+    # Concurrent requests on both replicas: each order is committed when its response
+    # arrives (the dependency commits before the response), and all are processed.
+    replies = await asyncio.gather(
+        *(_order(client, (a, b)[i % 2], f"first-{i}") for i in range(40))
+    )
+    assert [r.status_code for r in replies] == [200] * 40
+    ids = [r.json()["id"] for r in replies]
+    assert await count(db, "SELECT count(*) FROM orders WHERE id = ANY($1)", ids) == 40
+    await wait_for(lambda: _unprocessed(db), expect=0, timeout=30)
+    st = await bl.status(db, "orders")
+    assert st is not None and st.owner is not None
+    owner, other = (a, b) if st.owner.pid == a.pid else (b, a)
+    assert st.owner.pid == owner.pid  # one of the two replicas holds the loop
+    assert await count(db, "SELECT count(*) FROM orders WHERE processed_by <> $1", owner.pid) == 0
+
+    # A burst, then SIGTERM to the owner while it is inside a batch.
+    replies = await asyncio.gather(*(_order(client, owner, f"burst-{i}") for i in range(120)))
+    assert [r.status_code for r in replies] == [200] * 120
+    by_owner = "SELECT count(*) FROM orders WHERE processed_by = $1"
+    before = await count(db, by_owner, owner.pid)  # read first: the batch found next is later
+    await wait_for(lambda: _batch_in_flight(db), timeout=30, message="a batch is in flight")
+    assert await owner.terminate() == 0, owner.output()
+    # The batch in flight at SIGTERM was let finish and committed, not cut off.
+    assert await count(db, by_owner, owner.pid) > before
+    # The other replica takes the name over and processes the rest.
+    await wait_for(lambda: _unprocessed(db), expect=0, timeout=30)
+    st = await bl.status(db, "orders")
+    assert st is not None and st.owner is not None and st.owner.pid == other.pid
+    assert await count(db, "SELECT count(*) FROM orders") == 160
+
+    assert await other.terminate() == 0, other.output()
+    st = await bl.status(db, "orders")
+    assert st is not None and st.owner is None and not st.owner_alive
+    assert not [h for h in await bl.list_hosts(db) if h.alive]
+    for app in apps:
+        assert "Traceback" not in app.output(), app.output()
+
+
+# ------------------------------------------------------------------ in-process: the module
+
+
+def test_lifespan_checks_host_arguments_when_the_app_is_built() -> None:
+    with pytest.raises(ValueError, match="monitor_interval"):
+        blf.lifespan("postgresql://x@127.0.0.1/x", monitor_interval=0)
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_lifespan_and_transaction_dependency(
+    migrated_dsn: str, db: asyncpg.Connection, driver: str
+) -> None:
+    """The host around the app's own lifespan (whose state is passed on), and the dependency:
+    committed before the response, rolled back when the endpoint raises; on both pool kinds,
+    through FastAPI's real lifespan and dependency machinery (in process, over ASGI)."""
+    from fastapi import FastAPI, HTTPException
+
+    # Deferred: a duplicate fails at COMMIT, which must come before the response.
+    await db.execute("CREATE TABLE probe (v text UNIQUE DEFERRABLE INITIALLY DEFERRED)")
+    seen: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def inner(app: Any) -> AsyncIterator[dict[str, str]]:
+        host = app.state.batchloop
+        assert isinstance(host, bl.Host) and host.health().ok
+        seen.append("in")
+        yield {"greeting": "hi"}
+        seen.append("out")
+        assert app.state.batchloop is host  # the host outlives the app's own lifespan
+
+    app = FastAPI(lifespan=blf.lifespan(migrated_dsn, inner=inner, driver=driver))
+
+    @app.post("/probe/{value}")
+    async def probe(
+        conn: blf.Transaction, value: str, fail: bool = False, twice: bool = False
+    ) -> dict[str, str]:
+        assert value.isalnum()
+        for _ in range(2 if twice else 1):
+            await conn.execute(f"INSERT INTO probe VALUES ('{value}')")
+        if fail:
+            raise HTTPException(status_code=409, detail="no")
+        return {"module": type(conn).__module__.split(".")[0]}
+
+    async with app.router.lifespan_context(app) as state:
+        assert state == {"greeting": "hi"} and seen == ["in"]
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as c:
+            ok = await c.post("/probe/kept")
+            assert ok.status_code == 200 and ok.json() == {"module": driver}
+            # Committed by the time the response arrived.
+            assert await db.fetchval("SELECT string_agg(v, ',') FROM probe") == "kept"
+            assert (await c.post("/probe/dropped", params={"fail": "true"})).status_code == 409
+            # A commit that fails is the response: an error, not a 200 for a lost write.
+            twice = await c.post("/probe/twice", params={"twice": "true"})
+            assert twice.status_code == 500
+    assert await db.fetchval("SELECT string_agg(v, ',') FROM probe") == "kept"
+    assert seen == ["in", "out"] and app.state.batchloop is None
+
+
+async def test_transaction_without_the_lifespan_says_how_to_fix_it() -> None:
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.get("/")
+    async def index(conn: blf.Transaction) -> None:
+        raise AssertionError("not reached")
+
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=True)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as c:
+        with pytest.raises(bl.BatchloopError, match=r"lifespan=batchloop\.fastapi\.lifespan"):
+            await c.get("/")
