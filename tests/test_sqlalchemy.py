@@ -240,3 +240,10 @@ def test_sync_connection_calls_are_in_the_connections_transaction(
 def test_an_async_only_or_foreign_object_is_refused_by_sync(sync_engine: Engine) -> None:
     with pytest.raises(TypeError, match="Connection or Session on postgresql"):
         bls.status(text("SELECT 1"), "x")
+
+
+def test_a_non_postgresql_dialect_is_refused_with_its_name() -> None:
+    engine = create_engine("sqlite://")
+    with engine.connect() as conn, pytest.raises(TypeError, match=r"got dialect sqlite\+pysqlite"):
+        bls.status(conn, "x")
+    engine.dispose()
