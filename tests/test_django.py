@@ -26,11 +26,11 @@ TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture
-def django_db(migrated_dsn: str) -> Iterator[Any]:
+def django_db(migrated_dsn: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """Django configured by tests/django_settings.py, its default database pointed at this
     test's fresh database (settings load once per process; the connection is reopened)."""
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "django_settings")
-    os.environ["BATCHLOOP_TEST_DJANGO_DSN"] = migrated_dsn
+    monkeypatch.setenv("DJANGO_SETTINGS_MODULE", "django_settings")
+    monkeypatch.setenv("BATCHLOOP_TEST_DJANGO_DSN", migrated_dsn)
     import django_settings
     from django.db import connections
 

@@ -247,6 +247,25 @@ async def test_lifespan_and_transaction_dependency(
     assert seen == ["in", "out"] and app.state.batchloop is None
 
 
+async def test_lifespan_on_a_plain_starlette_app(migrated_dsn: str) -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def count_hosts(request: Request) -> JSONResponse:
+        async with blf.host(request).pool.acquire() as conn:
+            return JSONResponse({"hosts": len(await bl.list_hosts(conn))})
+
+    app = Starlette(routes=[Route("/hosts", count_hosts)], lifespan=blf.lifespan(migrated_dsn))
+    async with app.router.lifespan_context(app):
+        assert isinstance(app.state.batchloop, bl.Host)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as c:
+            assert (await c.get("/hosts")).json() == {"hosts": 1}
+    assert app.state.batchloop is None
+
+
 async def test_transaction_without_the_lifespan_says_how_to_fix_it() -> None:
     from fastapi import FastAPI
 
