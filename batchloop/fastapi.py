@@ -1,24 +1,45 @@
 """FastAPI and Starlette: a batchloop Host for the app's lifetime, and a request's transaction
 (extra ``fastapi``).
 
-::
+A complete app (``app.py``; ``batchloop migrate``, create the table ``events (id bigserial
+PRIMARY KEY, value int)``, then ``BATCHLOOP_DSN=... uvicorn app:app``)::
+
+    import os
+    from typing import Any
 
     from fastapi import FastAPI
+
     import batchloop as bl
     import batchloop.fastapi as blf
 
-    app = FastAPI(lifespan=blf.lifespan("postgresql://app@db/app", modules=["myapp.jobs"]))
+
+    @bl.work_query
+    async def next_events(conn: Any, name: str) -> bl.Work[list[int]] | bl.Idle:
+        rows = await conn.fetch("SELECT id FROM events ORDER BY id LIMIT 100")
+        return bl.Work([r["id"] for r in rows]) if rows else bl.Idle()
+
+
+    @bl.worker
+    async def handle_events(conn: Any, batch: list[int]) -> None:
+        await conn.execute("DELETE FROM events WHERE id = ANY($1)", batch)
+
+
+    app = FastAPI(lifespan=blf.lifespan(os.environ["BATCHLOOP_DSN"], modules=[__name__]))
+
 
     @app.post("/events")
-    async def create_event(conn: blf.Transaction) -> dict[str, int]:
-        event_id = await conn.fetchval("INSERT INTO events(value) VALUES (1) RETURNING id")
+    async def create_event(conn: blf.Transaction, value: int) -> dict[str, int]:
+        event_id = await conn.fetchval(
+            "INSERT INTO events (value) VALUES ($1) RETURNING id", value
+        )
         await bl.ping(conn, "events", next_events, handle_events)
         return {"id": event_id}  # committed, with the ping, before the response is sent
 
 The Host runs in every process that serves the app (each uvicorn worker, each replica): they
 share the loops, one per name cluster-wide, and take over each other's names when one stops or
-dies. The lifespan does not migrate: run ``batchloop migrate`` when you deploy. A complete app,
-run under uvicorn with SIGTERM handling, is ``examples/fastapi_app.py``.
+dies. The lifespan does not migrate: run ``batchloop migrate`` when you deploy. A larger app,
+with SIGTERM handling and a health endpoint, is ``examples/fastapi_app.py``; the guide is
+docs/integrations.md.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -279,3 +280,59 @@ async def test_transaction_without_the_lifespan_says_how_to_fix_it() -> None:
     async with httpx.AsyncClient(transport=transport, base_url="http://app") as c:
         with pytest.raises(bl.BatchloopError, match=r"lifespan=batchloop\.fastapi\.lifespan"):
             await c.get("/")
+
+
+def _docstring_app() -> str:
+    """The complete app in batchloop.fastapi's module docstring (its first ``::`` block)."""
+    doc = blf.__doc__ or ""
+    lines = doc.split("::\n", 1)[1].splitlines()[1:]
+    block = []
+    for line in lines:
+        if line.strip() and not line.startswith("    "):
+            break
+        block.append(line)
+    return textwrap.dedent("\n".join(block))
+
+
+async def test_the_module_docstring_app_runs_under_uvicorn(
+    migrated_dsn: str, db: asyncpg.Connection, client: Any, tmp_path: Path
+) -> None:
+    (tmp_path / "app.py").write_text(_docstring_app())
+    await db.execute("CREATE TABLE events (id bigserial PRIMARY KEY, value int)")
+    port = free_port()
+    env = {**os.environ, "BATCHLOOP_DSN": migrated_dsn}
+    log = tmp_path / "uvicorn.log"
+    proc = _popen([sys.executable, "-m", "uvicorn", "app:app", "--port", str(port)], env, log)
+    url = f"http://127.0.0.1:{port}/events"
+
+    async def post() -> Any:
+        if proc.poll() is not None:
+            raise AssertionError(f"uvicorn exited: {log.read_text()}")
+        try:
+            return await client.post(url, params={"value": 7})
+        except httpx.TransportError:
+            return None
+
+    try:
+        reply = await wait_for(post, timeout=30, interval=0.05, message="uvicorn answers")
+        assert reply.status_code == 200, reply.text
+        st = await bl.status(db, "events")
+        assert st is not None and st.worker == "app:handle_events"
+        # the host in the uvicorn process processed (deleted) it
+        await wait_for(lambda: count(db, "SELECT count(*) FROM events"), expect=0)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await wait_for(lambda: proc.poll() is not None, timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    # plain `uvicorn` re-raises the SIGTERM once it has shut down (examples/fastapi_app.py
+    # exits 0 instead)
+    assert proc.returncode in (0, -signal.SIGTERM)
+    assert "Traceback" not in log.read_text(), log.read_text()
+
+
+def _popen(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(argv, cwd=log.parent, env=env, stdout=out, stderr=subprocess.STDOUT)
