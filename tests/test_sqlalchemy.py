@@ -123,6 +123,24 @@ async def test_async_session_begin_block_rolls_back_on_error(
     assert (await _outside(tables, "b"))[1] is not None
 
 
+async def test_a_ping_in_a_rolled_back_savepoint_is_undone(
+    engine: AsyncEngine, tables: asyncpg.Connection
+) -> None:
+    class Boom(Exception):
+        pass
+
+    async with AsyncSession(engine) as session, session.begin():
+        await session.execute(INSERT, {"name": "kept"})
+        with pytest.raises(Boom):
+            async with session.begin_nested():
+                await _ping(session, "nested")
+                raise Boom
+        await _ping(session, "kept")
+    assert await _outside(tables, "nested") == (0, None)
+    items, st = await _outside(tables, "kept")
+    assert items == 1 and st is not None
+
+
 async def test_async_control_calls_run_in_the_transaction(
     engine: AsyncEngine, tables: asyncpg.Connection
 ) -> None:
