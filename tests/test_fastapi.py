@@ -22,6 +22,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
+from test_deployment import pgbouncer  # noqa: E402
 from web_support import free_port  # noqa: E402
 
 import batchloop as bl  # noqa: E402
@@ -40,7 +41,7 @@ WORK_SECONDS = 0.3
 class App:
     """One ``python examples/fastapi_app.py`` process (uvicorn) on a free port."""
 
-    def __init__(self, dsn: str, log: Path) -> None:
+    def __init__(self, dsn: str, log: Path, **extra_env: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -50,6 +51,7 @@ class App:
             "PORT": str(self.port),
             "ORDER_WORK_SECONDS": str(WORK_SECONDS),
             "LOG_LEVEL": "warning",
+            **extra_env,
         }
         env.pop("DATABASE_URL", None)
         with log.open("wb") as out:
@@ -187,6 +189,27 @@ async def test_two_replicas_process_requests_and_drain_on_sigterm(
     assert not [h for h in await bl.list_hosts(db) if h.alive]
     for app in apps:
         assert "Traceback" not in app.output(), app.output()
+
+
+async def test_the_example_through_pgbouncer_in_transaction_mode(
+    migrated_dsn: str, db: asyncpg.Connection, client: Any, tmp_path: Path
+) -> None:
+    """As docker-compose.yml runs it: requests and batches through PgBouncer in transaction
+    mode (BATCHLOOP_DSN), the host's control connection direct (BATCHLOOP_CONTROL_DSN)."""
+    async with pgbouncer(migrated_dsn, pool_mode="transaction", pool_size=4) as pooled:
+        app = App(pooled, tmp_path / "app.log", BATCHLOOP_CONTROL_DSN=migrated_dsn)
+        try:
+            await app.ready(client)
+            replies = await asyncio.gather(*(_order(client, app, f"p-{i}") for i in range(30)))
+            assert [r.status_code for r in replies] == [200] * 30
+            await wait_for(lambda: _unprocessed(db), expect=0, timeout=30)
+            assert await count(db, "SELECT count(*) FROM orders") == 30
+            assert (await _order(client, app, "doomed", fail=True)).status_code == 500
+            assert await count(db, "SELECT count(*) FROM orders") == 30
+            assert await app.terminate() == 0, app.output()
+        finally:
+            app.kill()
+    assert "Traceback" not in app.output(), app.output()
 
 
 # ------------------------------------------------------------------ in-process: the module
