@@ -44,7 +44,6 @@ docs/integrations.md.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any
@@ -54,8 +53,6 @@ from starlette.requests import HTTPConnection
 
 from .errors import BatchloopError
 from .runtime.host import Host
-
-log = logging.getLogger("batchloop")
 
 __all__ = ["Lifespan", "Transaction", "host", "lifespan", "transaction"]
 
