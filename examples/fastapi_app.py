@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -36,6 +37,7 @@ import batchloop.fastapi as blf
 DSN = os.environ.get("BATCHLOOP_DSN") or os.environ.get("DATABASE_URL") or None
 CONTROL_DSN = os.environ.get("BATCHLOOP_CONTROL_DSN") or None
 WORK_SECONDS = float(os.environ.get("ORDER_WORK_SECONDS", "0"))
+PROCESS = f"{socket.gethostname()}:{os.getpid()}"  # in a container, the hostname tells which
 
 TABLE = """
 CREATE TABLE IF NOT EXISTS orders (
@@ -43,7 +45,7 @@ CREATE TABLE IF NOT EXISTS orders (
     item text NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now(),
     processed_at timestamptz,
-    processed_by int
+    processed_by text  -- hostname:pid of the process whose host ran the batch
 );
 CREATE INDEX IF NOT EXISTS orders_unprocessed ON orders (id) WHERE processed_at IS NULL;
 """
@@ -62,7 +64,7 @@ async def process_orders(conn: Any, batch: list[int]) -> None:
     await conn.execute(
         "UPDATE orders SET processed_at = now(), processed_by = $2 WHERE id = ANY($1)",
         batch,
-        os.getpid(),
+        PROCESS,
     )
 
 

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -62,6 +63,11 @@ class App:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    @property
+    def process(self) -> str:
+        """What the example records in ``orders.processed_by``."""
+        return f"{socket.gethostname()}:{self.pid}"
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -166,17 +172,18 @@ async def test_two_replicas_process_requests_and_drain_on_sigterm(
     assert st is not None and st.owner is not None
     owner, other = (a, b) if st.owner.pid == a.pid else (b, a)
     assert st.owner.pid == owner.pid  # one of the two replicas holds the loop
-    assert await count(db, "SELECT count(*) FROM orders WHERE processed_by <> $1", owner.pid) == 0
+    others = "SELECT count(*) FROM orders WHERE processed_by <> $1"
+    assert await count(db, others, owner.process) == 0
 
     # A burst, then SIGTERM to the owner while it is inside a batch.
     replies = await asyncio.gather(*(_order(client, owner, f"burst-{i}") for i in range(120)))
     assert [r.status_code for r in replies] == [200] * 120
     by_owner = "SELECT count(*) FROM orders WHERE processed_by = $1"
-    before = await count(db, by_owner, owner.pid)  # read first: the batch found next is later
+    before = await count(db, by_owner, owner.process)  # read first: the batch found next is later
     await wait_for(lambda: _batch_in_flight(db), timeout=30, message="a batch is in flight")
     assert await owner.terminate() == 0, owner.output()
     # The batch in flight at SIGTERM was let finish and committed, not cut off.
-    assert await count(db, by_owner, owner.pid) > before
+    assert await count(db, by_owner, owner.process) > before
     # The other replica takes the name over and processes the rest.
     await wait_for(lambda: _unprocessed(db), expect=0, timeout=30)
     st = await bl.status(db, "orders")
