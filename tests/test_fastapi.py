@@ -278,6 +278,33 @@ async def test_lifespan_and_transaction_dependency(
     assert seen == ["in", "out"] and app.state.batchloop is None
 
 
+async def test_an_inner_lifespan_that_fails_stops_the_host(
+    migrated_dsn: str, db: asyncpg.Connection
+) -> None:
+    from fastapi import FastAPI
+
+    class Boom(Exception):
+        pass
+
+    @contextlib.asynccontextmanager
+    async def inner(app: Any) -> AsyncIterator[None]:
+        assert sum(h.alive for h in await bl.list_hosts(db)) == 1
+        raise Boom
+        yield
+
+    app = FastAPI(lifespan=blf.lifespan(migrated_dsn, inner=inner))
+    with pytest.raises(Boom):
+        async with app.router.lifespan_context(app):
+            raise AssertionError("not reached")
+    assert app.state.batchloop is None
+    assert not [h for h in await bl.list_hosts(db) if h.alive]
+
+
+def test_lifespan_refuses_an_unknown_host_argument() -> None:
+    with pytest.raises(TypeError, match="monitor_intervall"):
+        blf.lifespan(None, monitor_intervall=1.0)
+
+
 async def test_lifespan_on_a_plain_starlette_app(migrated_dsn: str) -> None:
     from starlette.applications import Starlette
     from starlette.requests import Request
