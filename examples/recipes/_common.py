@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
+import time
+from typing import Any
 
 
 def dsn_from_env(module: str) -> str:
@@ -14,3 +17,15 @@ def dsn_from_env(module: str) -> str:
             f"usage: DATABASE_URL=postgresql://user@host/db python -m examples.recipes.{module}"
         )
     return dsn
+
+
+async def until(conn: Any, query: str, *args: Any, timeout: float = 30.0) -> Any:
+    """Poll ``query``'s single value until it is truthy (the demos' way to wait); returns it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await conn.fetchval(query, *args)
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"still false after {timeout:g} s: {query}")
+        await asyncio.sleep(0.05)
