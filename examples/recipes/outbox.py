@@ -215,7 +215,11 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                status, headers = receiver.answer(self.headers.get("Idempotency-Key", ""), body)
+                if self.path == "/hook":
+                    key = self.headers.get("Idempotency-Key", "")
+                    status, headers = receiver.answer(key, body)
+                else:
+                    status, headers = 404, {}
                 self.send_response(status)
                 for k, v in headers.items():
                     self.send_header(k, v)
