@@ -34,8 +34,10 @@ Notes:
 
 * Needs PostgreSQL 13 or newer (``xid8``, ``pg_current_xact_id``, ``pg_current_snapshot``).
 * Writing the column by hand defeats the point: leave it to the default.
-* The bound is database-wide: *any* open transaction that has written anything, in any table,
-  holds readers back until it ends. Keep transactions short, as always.
+* The bound is server-wide: *any* open transaction that has written anything, in any table
+  of any database on the server, holds readers back until it ends (transaction ids are the
+  server's). Keep transactions short, as always; ``idle in transaction`` sessions show in
+  ``pg_stat_activity``.
 * So a reader can see committed rows past its cursor that do not pass yet. It must then look
   again soon, not go idle: the transaction holding the bound back may never ping. In a work
   query, return ``Idle(timeout=...)`` when rows matching :func:`unsettled` are left (the
