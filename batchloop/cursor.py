@@ -49,7 +49,14 @@ Notes:
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_COLUMN", "add_xid_column", "settled", "unsettled", "xid_column"]
+__all__ = [
+    "DEFAULT_COLUMN",
+    "add_xid_column",
+    "quote_identifier",
+    "settled",
+    "unsettled",
+    "xid_column",
+]
 
 DEFAULT_COLUMN = "xid"
 """The column name the helpers use unless told otherwise."""

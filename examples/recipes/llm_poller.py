@@ -27,7 +27,9 @@ same callables with :func:`batchloop.tick` behind a route that checks a shared s
     CRON_SECRET=... DATABASE_URL=... uvicorn --factory examples.recipes.llm_poller:create_app
     curl -H "Authorization: Bearer $CRON_SECRET" -X POST localhost:8000/cron/llm-batches
 
-It answers with the tick's report and the passes it ran, summed.
+It answers with the passes run meanwhile, summed, and the tick's report (500 if a pass
+failed, so the cron platform alerts). The tables and the batchloop schema must exist
+(``create_tables``, ``batchloop migrate``) before the first call.
 """
 
 from __future__ import annotations
