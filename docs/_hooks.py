@@ -98,5 +98,7 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     markdown = MARKER.sub(lambda m: to_markdown(docstring(m.group(1))), markdown)
     repo = str(config.get("repo_url") or "").rstrip("/")
     if repo:
-        markdown = OUTSIDE.sub(lambda m: f"]({repo}/blob/main/{m.group(1)}{m.group(2) or ''})", markdown)
+        markdown = OUTSIDE.sub(
+            lambda m: f"]({repo}/blob/main/{m.group(1)}{m.group(2) or ''})", markdown
+        )
     return markdown
