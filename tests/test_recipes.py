@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 import batchloop as bl
+from batchloop import observe
 
 from helpers import wait_for
 
@@ -37,7 +38,30 @@ def module(recipe: object) -> str:
 # Commit-order-safe cursor
 
 
-async def test_cursor_out_of_order_commit_naive_loses_safe_does_not(migrated_dsn: str) -> None:
+class _Iterations(observe.Observer):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.outcomes: list[str] = []
+
+    def iteration(self, event: observe.IterationEvent) -> None:
+        if event.name == self.name:
+            self.outcomes.append(event.outcome)
+
+
+@pytest.fixture
+def safe_iterations() -> Iterator[list[str]]:
+    """The outcomes of the safe consumer's iterations, as the runtime reports them."""
+    observer = _Iterations(ordered_cursor.SAFE)
+    unregister = observe.register(observer)
+    try:
+        yield observer.outcomes
+    finally:
+        unregister()
+
+
+async def test_cursor_out_of_order_commit_naive_loses_safe_does_not(
+    migrated_dsn: str, safe_iterations: list[str]
+) -> None:
     conn = await asyncpg.connect(migrated_dsn)
     long_conn = await asyncpg.connect(migrated_dsn)
     await ordered_cursor.create_tables(conn)
@@ -48,7 +72,10 @@ async def test_cursor_out_of_order_commit_naive_loses_safe_does_not(migrated_dsn
         (second,) = await ordered_cursor.publish(conn, ["short: inserted second"])
         assert first < second
         await wait_for(lambda: ordered_cursor.consumed(conn, ordered_cursor.NAIVE), expect=[second])
-        # the safe consumer is held back by the open transaction: it has passed nothing
+        # the safe consumer is held back by the open transaction: once it has run a whole
+        # iteration after `second` committed, it still has passed nothing
+        seen = len(safe_iterations)
+        await wait_for(lambda: len(safe_iterations) >= seen + 2)
         assert await ordered_cursor.consumed(conn, ordered_cursor.SAFE) == []
         await ordered_cursor.wake_consumers(long_conn)
         await long_tx.commit()
@@ -546,6 +573,8 @@ async def test_rollup_runs_on_schedule_without_pings(migrated_dsn: str) -> None:
         tx = late.transaction()
         await tx.start()
         await late.execute("INSERT INTO page_views (page) VALUES ('/late')")
+        # and one committed after it: a cursor by id or xid alone would now skip '/late'
+        await conn.execute("INSERT INTO page_views (page) VALUES ('/after')")
         now = await runs()
         await wait_for(runs, timeout=15, expect=lambda n: n >= now + 1)
         assert not await conn.fetchval("SELECT count(*) FROM page_view_rollup WHERE page = '/late'")
@@ -569,5 +598,5 @@ async def test_rollup_runs_on_schedule_without_pings(migrated_dsn: str) -> None:
         st = await bl.status(conn, rollup.NAME)
     await late.close()
     await conn.close()
-    assert sum(raw.values()) == 201 and raw["/late"] == 1
+    assert sum(raw.values()) == 202 and raw["/late"] == 1
     assert st is not None and st.batches >= now + 1  # one batch per run, no other
