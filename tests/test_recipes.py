@@ -600,3 +600,47 @@ async def test_rollup_runs_on_schedule_without_pings(migrated_dsn: str) -> None:
     await conn.close()
     assert sum(raw.values()) == 202 and raw["/late"] == 1
     assert st is not None and st.batches >= now + 1  # one batch per run, no other
+
+
+# --------------------------------------------------------------------------------------------
+# Each recipe runs as documented: python -m examples.recipes.NAME against DATABASE_URL
+
+
+@pytest.mark.parametrize(
+    ("recipe", "says"),
+    [
+        ("llm_poller", "b-ok: delivered after 3 polls"),
+        ("outbox", "5 of 5 webhooks accepted"),
+        ("tenants", "tenant 'small' got its first batch after"),
+        ("ordered_cursor", "the bigserial cursor lost event 1"),
+        ("rollup", "/pricing: 100 views"),
+    ],
+)
+def test_recipe_runs_as_a_module(recipe: str, says: str, migrated_dsn: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("BATCHLOOP_DSN", "PGDATABASE")}
+    done = subprocess.run(
+        [sys.executable, "-m", f"examples.recipes.{recipe}"],
+        cwd=ROOT,
+        env={**env, "DATABASE_URL": migrated_dsn},
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert says in done.stdout, done.stdout + done.stderr
+
+
+def test_recipe_without_a_database_url_says_how_to_run_it() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("BATCHLOOP_DSN", "DATABASE_URL")}
+    done = subprocess.run(
+        [sys.executable, "-m", "examples.recipes.rollup"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        "usage: DATABASE_URL=postgresql://user@host/db python -m examples.recipes.rollup"
+    )

@@ -182,7 +182,7 @@ async def main(dsn: str) -> None:
         print(f"the bigserial cursor lost event {first}: it committed after event {second}")
 
 
-async def until(conn: Any, consumer: str, event_id: int, timeout: float = 10.0) -> None:
+async def until(conn: Any, consumer: str, event_id: int, timeout: float = 30.0) -> None:
     """Wait (polling) until ``consumer`` has passed ``event_id``."""
     for _ in range(int(timeout / 0.05)):
         if event_id in await consumed(conn, consumer):

@@ -134,7 +134,13 @@ async def main(dsn: str) -> None:
             "INSERT INTO page_views (page) SELECT (ARRAY['/', '/docs', '/pricing'])[1 + g % 3] "
             "FROM generate_series(1, 300) g"
         )  # no ping: the rollup's schedule picks them up
-        await until(conn, "SELECT runs >= 2 FROM rollup_state WHERE name = $1", NAME)
+        # Every view counted: by the second run, or a later one if another session's open
+        # transaction held the cursor back (see batchloop.cursor).
+        await until(
+            conn,
+            "SELECT (SELECT coalesce(sum(views), 0) FROM page_view_rollup) = "
+            "(SELECT count(*) FROM page_views)",
+        )
         status = await bl.status(conn, NAME)
         rows = await conn.fetch("SELECT page, sum(views) AS n FROM page_view_rollup GROUP BY 1")
     print(f"{NAME!r} is {status.state if status else '?'} between runs")
