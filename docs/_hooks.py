@@ -5,6 +5,8 @@ the project: docstrings are read with ``ast``.
   ``PATH`` (relative to the repository root), turned from the project's plain-text style
   (underlined headings, ````code````, ``::`` literal blocks, ``:mod:`x``` roles) into Markdown.
   The protocol page renders ``batchloop/protocol.py`` so, and the recipes page each recipe's.
+* Sphinx roles left in the library's docstrings (``:mod:`x``` renders as ``:mod:`` and a code
+  span in the API reference) lose the role.
 * Links out of the docs folder (``](../README.md)``, ``](../examples/...)``) point at the
   repository instead, where those files are.
 """
@@ -21,6 +23,7 @@ MARKER = re.compile(r"^<!-- docstring: (\S+) -->$", re.MULTILINE)
 OUTSIDE = re.compile(r"\]\(\.\./([^)#\s]+)(#[^)\s]*)?\)")
 ROLE = re.compile(r":(?:mod|func|class|meth|attr|data|exc):`~?([^`]+)`")
 LITERAL = re.compile(r"``([^`]+)``")
+HTML_ROLE = re.compile(r":(?:mod|func|class|meth|attr|data|exc|obj):(<code[^>]*>)~?")
 
 
 def docstring(path: str) -> str:
@@ -102,3 +105,7 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
             lambda m: f"]({repo}/blob/main/{m.group(1)}{m.group(2) or ''})", markdown
         )
     return markdown
+
+
+def on_page_content(html: str, page: Any, config: Any, files: Any) -> str:
+    return HTML_ROLE.sub(r"\1", html)

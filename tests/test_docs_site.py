@@ -65,6 +65,7 @@ def test_docs_site_builds_strict_and_offline(tmp_path: Path) -> None:
         "batchloop.sync.ping", "batchloop.cursor.settled", "batchloop.cursor.xid_column",
     ):  # fmt: skip
         assert f'id="{anchor}"' in api, f"{anchor} not in the API reference"
+    assert ":mod:" not in api and ":class:" not in api  # Sphinx roles are cleaned up
     protocol = (site / "protocol" / "index.html").read_text(encoding="utf-8")
     for heading in ("Generations and fencing", "No lost wakeup", "Without a host"):
         assert re.search(rf"<h2[^>]*>{heading}", protocol), heading
