@@ -21,6 +21,9 @@ neither does), and pings ``webhooks`` there. The worker POSTs each row to its en
 The work query returns the pending rows whose ``next_attempt_at`` has come, or
 ``Idle(timeout=...)`` until the earliest retry, or ``Idle()`` when there is nothing left.
 
+The POSTs run inside the batch's transaction, which stays open meanwhile: keep ``BATCH`` times
+``TIMEOUT`` modest (and under the name's ``Config(iteration_timeout=...)``, if you set one).
+
 Needs ``httpx`` (``pip install httpx``).
 """
 
