@@ -5,6 +5,9 @@ the project: docstrings are read with ``ast``.
   ``PATH`` (relative to the repository root), turned from the project's plain-text style
   (underlined headings, ````code````, ``::`` literal blocks, ``:mod:`x``` roles) into Markdown.
   The protocol page renders ``batchloop/protocol.py`` so, and the recipes page each recipe's.
+* ``<!-- api: MODULE -->`` becomes ``::: MODULE`` (the API reference of that module) when the
+  module exists in the tree, and nothing otherwise: modules that land later (``batchloop.jobs``,
+  ``batchloop.testing``, ``batchloop.fastapi``) join the reference without an edit here.
 * Sphinx roles left in the library's docstrings (``:mod:`x``` renders as ``:mod:`` and a code
   span in the API reference) lose the role.
 * Links out of the docs folder (``](../README.md)``, ``](../examples/...)``) point at the
@@ -20,6 +23,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = re.compile(r"^<!-- docstring: (\S+) -->$", re.MULTILINE)
+API = re.compile(r"^<!-- api: ([\w.]+) -->$", re.MULTILINE)
 OUTSIDE = re.compile(r"\]\(\.\./([^)#\s]+)(#[^)\s]*)?\)")
 ROLE = re.compile(r":(?:mod|func|class|meth|attr|data|exc):`~?([^`]+)`")
 LITERAL = re.compile(r"``([^`]+)``")
@@ -97,8 +101,14 @@ def _inline(text: str) -> str:
     return LITERAL.sub(r"`\1`", ROLE.sub(r"`\1`", text))
 
 
+def module_exists(module: str) -> bool:
+    path = ROOT.joinpath(*module.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     markdown = MARKER.sub(lambda m: to_markdown(docstring(m.group(1))), markdown)
+    markdown = API.sub(lambda m: f"::: {m.group(1)}" if module_exists(m.group(1)) else "", markdown)
     repo = str(config.get("repo_url") or "").rstrip("/")
     if repo:
         markdown = OUTSIDE.sub(

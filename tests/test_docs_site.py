@@ -27,8 +27,8 @@ needs_mkdocs = pytest.mark.skipif(
 )
 
 
-def _hooks() -> object:
-    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "_hooks.py")
+def _hooks(name: str = "_hooks") -> object:
+    spec = importlib.util.spec_from_file_location(f"docs{name}", ROOT / "docs" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -66,6 +66,10 @@ def test_docs_site_builds_strict_and_offline(tmp_path: Path) -> None:
     ):  # fmt: skip
         assert f'id="{anchor}"' in api, f"{anchor} not in the API reference"
     assert ":mod:" not in api and ":class:" not in api  # Sphinx roles are cleaned up
+    assert "<blockquote" not in api  # doctests are code blocks, not nested quotes
+    for later in ("batchloop.jobs", "batchloop.testing", "batchloop.fastapi"):
+        if _hooks().module_exists(later):  # type: ignore[attr-defined]
+            assert f'id="{later}"' in api, f"{later} exists but is not in the API reference"
     protocol = (site / "protocol" / "index.html").read_text(encoding="utf-8")
     for heading in ("Generations and fencing", "No lost wakeup", "Without a host"):
         assert re.search(rf"<h2[^>]*>{heading}", protocol), heading
@@ -110,4 +114,27 @@ def test_docstring_to_markdown() -> None:
         "  literal`",
         "",
         "**Where:** `batchloop.Host`",
+    ]
+
+
+@needs_mkdocs
+def test_doctests_become_code_blocks() -> None:
+    griffe_ext = _hooks("_griffe")
+    text = griffe_ext.fence_doctests(  # type: ignore[attr-defined]
+        "Use it so::\n\n    x = 1\n\n>>> f()\n['a', 'b']\n\nAfter.\n```\n>>> kept\n```"
+    )
+    assert text.splitlines() == [
+        "Use it so:",
+        "",
+        "    x = 1",
+        "",
+        "```pycon",
+        ">>> f()",
+        "['a', 'b']",
+        "```",
+        "",
+        "After.",
+        "```",
+        ">>> kept",
+        "```",
     ]
