@@ -171,7 +171,12 @@ async def send_webhooks(conn: Any, batch: list[int]) -> bl.Debounce | None:
                 # attempt; nothing more is sent (to any endpoint: one name, one pace) until then.
                 pause = retry_after(response.headers.get("retry-after"))
                 log.info("webhooks: %s says slow down for %.1f s", row["endpoint"], pause)
-                return bl.Debounce(pause)
+                # A Debounce counts from the batch's start (the transaction's now()): add the
+                # time this batch has taken so far, so the pause counts from the answer.
+                taken = await conn.fetchval(
+                    "SELECT extract(epoch FROM clock_timestamp() - now())::float8"
+                )
+                return bl.Debounce(pause + max(taken, 0.0))  # pause <= RETRY_AFTER_CAP
             elif 400 <= response.status_code < 500:
                 await failed(conn, row, f"HTTP {response.status_code}", dead=True)
             else:
