@@ -34,6 +34,8 @@ Notes:
 
 * Needs PostgreSQL 13 or newer (``xid8``, ``pg_current_xact_id``, ``pg_current_snapshot``).
 * Writing the column by hand defeats the point: leave it to the default.
+* ``xid8`` is 64 bits (the epoch and the 32-bit id), so it never wraps around as ``xid`` does;
+  it is the top-level transaction's id, also for rows inserted under a savepoint.
 * The bound is server-wide: *any* open transaction that has written anything, in any table
   of any database on the server, holds readers back until it ends (transaction ids are the
   server's). Keep transactions short, as always; ``idle in transaction`` sessions show in
