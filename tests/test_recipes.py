@@ -4,6 +4,7 @@ what its docstring promises."""
 from __future__ import annotations
 
 import asyncio
+import doctest
 import os
 import random
 import subprocess
@@ -231,6 +232,11 @@ async def test_cursor_helper_sql_runs_and_refuses_bad_names(migrated_dsn: str) -
         bl.cursor.xid_column(3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="invalid table name"):
         bl.cursor.add_xid_column("a.b.c")
+
+
+def test_cursor_docstring_examples() -> None:
+    result = doctest.testmod(bl.cursor, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 6 and result.failed == 0
 
 
 # --------------------------------------------------------------------------------------------
