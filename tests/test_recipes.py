@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import asyncpg
 import httpx
@@ -31,8 +32,9 @@ from examples.recipes import llm_poller, ordered_cursor, outbox, rollup, tenants
 pytestmark = pytest.mark.anyio
 
 
-def module(recipe: object) -> str:
-    return str(recipe.__name__)  # type: ignore[attr-defined]
+def module(recipe: ModuleType) -> str:
+    """The recipe's module name, for ``Host(modules=[...])``."""
+    return recipe.__name__
 
 
 # --------------------------------------------------------------------------------------------
