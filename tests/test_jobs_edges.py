@@ -180,3 +180,12 @@ async def test_a_dead_lease_of_an_unknown_type_does_not_keep_the_loop_polling(
             lambda: bl.status(conn, jobs.queue_name("core")),
             expect=lambda s: s is not None and s.state in ("idle", "waiting"),
         )
+
+
+@pytest.mark.parametrize("module", ["batchloop.jobs", "batchloop.jobs.registry"])
+def test_the_docstring_examples_run(module: str) -> None:
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0 and result.failed == 0
