@@ -17,6 +17,7 @@ class Item(pydantic.BaseModel):
     fail_times: int = 0
     """Raise on the first this many attempts."""
     sleep: float = 0.0
+    note: str = ""
 
 
 GATES: dict[int, asyncio.Event] = {}

@@ -54,7 +54,7 @@ async def test_a_job_runs_to_completion_with_its_result(
     run = await jobs.get(conn, job_id)
     assert run is not None
     assert run.result == {"n": 7, "attempt": 1}
-    assert run.payload == {"n": 7, "fail_times": 0, "sleep": 0.0}
+    assert run.payload == {"n": 7, "fail_times": 0, "sleep": 0.0, "note": ""}
     assert (run.attempts, run.progress, run.error, run.type, run.queue) == (
         1,
         100,
@@ -284,6 +284,10 @@ async def test_a_bad_payload_is_refused_before_any_sql(
         await jobs_core.echo.dispatch_many(conn, [{"n": 1}, {"m": 2}])
     with pytest.raises(ValueError, match="delay"):
         await jobs_core.echo.dispatch(conn, {"n": 1}, delay=-1)
+    with pytest.raises(ValueError, match="NUL"):
+        await jobs_core.echo.dispatch(conn, jobs_core.Item(n=1, note="a\x00b"))
+    with pytest.raises(ValueError, match="key"):
+        await jobs_core.echo.dispatch(conn, {"n": 1}, key="")
     assert await conn.fetchval("SELECT count(*) FROM batchloop.jobs") == 0
     assert await bl.status(conn, jobs.queue_name("core")) is None
 
