@@ -43,6 +43,14 @@ async def handler(ctx: jobs.JobContext, payload: int) -> None:
     return None
 
 
+async def handler_shared5(ctx: jobs.JobContext, payload: int) -> None:
+    return None
+
+
+async def handler_shared3(ctx: jobs.JobContext, payload: int) -> None:
+    return None
+
+
 def test_the_decorator_refuses_what_cannot_run() -> None:
     with pytest.raises(ValueError, match="job type"):
         jobs.job("")
@@ -64,8 +72,20 @@ def test_the_decorator_refuses_what_cannot_run() -> None:
         jobs.job("x.n")(nested)
     with pytest.raises(TypeError, match="already registered"):
         jobs.job("t.echo", queue="core")(handler)
-    with pytest.raises(ValueError, match="concurrency=3"):
-        jobs.job("x.limited", queue="limited", concurrency=4)(handler)
+
+
+def test_types_of_a_queue_share_the_smallest_concurrency_and_longest_retention(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from batchloop.jobs.registry import DEFAULT_RETENTION, queue_settings
+
+    jobs.job("x.shared5", queue="x-shared", concurrency=5)(handler_shared5)
+    assert queue_settings("x-shared").concurrency == 5
+    jobs.job("x.shared3", queue="x-shared", concurrency=3, retention=60.0)(handler_shared3)
+    assert "types of a queue share one concurrency: the smallest applies" in caplog.text
+    settings = queue_settings("x-shared")
+    assert (settings.concurrency, settings.retention) == (3, 60.0)
+    assert queue_settings("nothing-here").retention == DEFAULT_RETENTION
 
 
 async def test_progress_must_be_a_percentage(conn: asyncpg.Connection) -> None:

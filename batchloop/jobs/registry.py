@@ -9,6 +9,7 @@ receives the validated value.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import typing
 from collections.abc import Awaitable, Callable, Sequence
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from .model import JobRun
 
 P = TypeVar("P")
+log = logging.getLogger("batchloop")
 
 DEFAULT_CONCURRENCY = 10
 DEFAULT_RETENTION = 7 * 24 * 3600.0
@@ -82,13 +84,14 @@ def types_of(queue: str) -> list[str]:
 
 
 def queue_settings(queue: str) -> QueueSettings:
-    """The queue's concurrency and retention, as its job types declared them."""
+    """The queue's concurrency and retention, as its job types declared them: the smallest
+    concurrency and the longest retention any of them gave (none: the defaults)."""
     specs = [spec for spec in _types.values() if spec.queue == queue]
-    concurrency = next((s.concurrency for s in specs if s.concurrency is not None), None)
-    retention = next((s.retention for s in specs if s.retention is not None), None)
+    limits = [s.concurrency for s in specs if s.concurrency is not None]
+    keeps = [s.retention for s in specs if s.retention is not None]
     return QueueSettings(
-        DEFAULT_CONCURRENCY if concurrency is None else concurrency,
-        DEFAULT_RETENTION if retention is None else retention,
+        min(limits) if limits else DEFAULT_CONCURRENCY,
+        max(keeps) if keeps else DEFAULT_RETENTION,
     )
 
 
@@ -263,12 +266,20 @@ def job(
         for other in _types.values():
             if other.queue != queue or other.type == type:
                 continue
-            for what in ("concurrency", "retention"):
+            for what, rule in (("concurrency", "the smallest"), ("retention", "the longest")):
                 mine, theirs = getattr(spec, what), getattr(other, what)
                 if mine is not None and theirs is not None and mine != theirs:
-                    raise ValueError(
-                        f"job {type!r}: queue {queue!r} has {what}={theirs!r} (job "
-                        f"{other.type!r}); the types of a queue share one {what}"
+                    log.warning(
+                        "job %r: queue %r has %s=%r (job %r), this job says %r; the types of "
+                        "a queue share one %s: %s applies",
+                        type,
+                        queue,
+                        what,
+                        theirs,
+                        other.type,
+                        mine,
+                        what,
+                        rule,
                     )
         _types[type] = spec
         from .queue import callables_for
