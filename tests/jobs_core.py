@@ -133,3 +133,12 @@ class Later(pydantic.BaseModel):
     """Defined after its handler: the annotation resolves on first use."""
 
     x: int
+
+
+@jobs.job("t.odd", queue="core", max_attempts=1, on_complete=record)
+async def odd(ctx: jobs.JobContext, payload: Item) -> dict[str, Any]:
+    if payload.n == 1:
+        return {"x": float("inf")}  # not JSON
+    if payload.n == 2:
+        return {"x": 10**200000}  # JSON, but beyond PostgreSQL's numeric
+    return {"n": payload.n}

@@ -209,3 +209,28 @@ def test_the_docstring_examples_run(module: str) -> None:
 
     result = doctest.testmod(importlib.import_module(module))
     assert result.attempted > 0 and result.failed == 0
+
+
+async def test_a_result_the_database_refuses_fails_that_job_only(
+    conn: asyncpg.Connection, migrated_dsn: str
+) -> None:
+    ids = await jobs_core.odd.dispatch_many(conn, [jobs_core.Item(n=n) for n in (1, 2, 3)])
+    async with bl.Host(migrated_dsn, modules=["jobs_core"]):
+
+        async def finished() -> bool:
+            runs = [await jobs.get(conn, job_id) for job_id in ids]
+            return all(r is not None and r.finished for r in runs)
+
+        await wait_for(finished)
+    runs = [await jobs.get(conn, job_id) for job_id in ids]
+    assert [r.status for r in runs if r is not None] == ["failed", "failed", "completed"]
+    assert runs[0] is not None and runs[0].error == (
+        "ValueError: the result holds Infinity or NaN, which JSON cannot store"
+    )
+    assert runs[1] is not None and runs[1].error is not None
+    assert runs[1].error.startswith("could not record the attempt's outcome:")
+    assert "numeric" in runs[1].error
+    assert runs[2] is not None and runs[2].result == {"n": 3}
+    assert sorted(jobs_core.COMPLETED) == sorted(
+        [(ids[0], "failed"), (ids[1], "failed"), (ids[2], "completed")]
+    )
