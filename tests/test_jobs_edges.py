@@ -234,3 +234,29 @@ async def test_a_result_the_database_refuses_fails_that_job_only(
     assert sorted(jobs_core.COMPLETED) == sorted(
         [(ids[0], "failed"), (ids[1], "failed"), (ids[2], "completed")]
     )
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_sqlalchemy_sessions_dispatch_in_their_transaction(
+    conn: asyncpg.Connection, migrated_dsn: str, driver: str
+) -> None:
+    pytest.importorskip("sqlalchemy")
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    engine = create_async_engine(migrated_dsn.replace("postgresql://", f"postgresql+{driver}://"))
+    try:
+        async with AsyncSession(engine) as session:
+            async with session.begin():
+                kept = await jobs_core.echo.dispatch(session, jobs_core.Item(n=1), delay=3600)
+            async with session.begin():
+                await jobs_core.echo.dispatch(session, jobs_core.Item(n=2), delay=3600)
+                await session.rollback()
+            async with session.begin():
+                assert await jobs.cancel(session, kept) is True
+                run = await jobs.get(session, kept)
+                assert run is not None and run.status == "canceled"
+    finally:
+        await engine.dispose()
+    rows = await conn.fetch("SELECT id, status FROM batchloop.jobs")
+    assert [tuple(r) for r in rows] == [(kept, "canceled")]
+    assert [(kept, "canceled")] == jobs_core.COMPLETED
