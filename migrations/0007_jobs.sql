@@ -3,7 +3,7 @@
 -- host runs the handlers outside any transaction, and their completions are fenced by the
 -- attempt number, so a stale attempt (its lease lost) cannot overwrite a newer one.
 CREATE TABLE jobs (
-    id               bigserial PRIMARY KEY,
+    id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,  -- no sequence grant needed
     type             text NOT NULL CHECK (char_length(type) BETWEEN 1 AND 200),
     queue            text NOT NULL CHECK (char_length(queue) BETWEEN 1 AND 195),
     status           text NOT NULL DEFAULT 'pending'

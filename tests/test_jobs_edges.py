@@ -3,7 +3,9 @@ raising, handlers returning what cannot be stored, a host without the queue's ty
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import jobs_core
@@ -260,3 +262,52 @@ async def test_sqlalchemy_sessions_dispatch_in_their_transaction(
     rows = await conn.fetch("SELECT id, status FROM batchloop.jobs")
     assert [tuple(r) for r in rows] == [(kept, "canceled")]
     assert [(kept, "canceled")] == jobs_core.COMPLETED
+
+
+# docs/deployment.md's grants for an application role, unchanged: jobs need nothing more (the
+# jobs table's id is an identity column, so no sequence grant either).
+APP_GRANTS = """
+REVOKE ALL ON DATABASE {database} FROM PUBLIC;
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA batchloop FROM PUBLIC;
+GRANT CONNECT ON DATABASE {database} TO {role};
+GRANT USAGE ON SCHEMA batchloop TO {role};
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA batchloop TO {role};
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA batchloop TO {role};
+GRANT SELECT, INSERT ON completions TO {role};
+"""
+
+
+async def test_an_application_role_with_the_documented_grants_runs_jobs(
+    conn: asyncpg.Connection, migrated_dsn: str
+) -> None:
+    if not await conn.fetchval(
+        "SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user"
+    ):
+        pytest.skip("the test server's user may not create roles")
+    role = f"bltest_jobs_{uuid.uuid4().hex[:10]}"
+    database = await conn.fetchval("SELECT current_database()")
+    await conn.execute(f"CREATE ROLE \"{role}\" LOGIN PASSWORD '{role}'")
+    try:
+        await conn.execute(APP_GRANTS.format(database=f'"{database}"', role=f'"{role}"'))
+        parts = urlsplit(migrated_dsn)
+        host = parts.netloc.rpartition("@")[2]
+        app_dsn = urlunsplit(parts._replace(netloc=f"{role}:{role}@{host}"))
+        app = await asyncpg.connect(app_dsn)
+        try:
+            async with bl.Host(app_dsn, modules=["jobs_core"]):
+                async with app.transaction():
+                    job_id = await jobs_core.echo.dispatch(app, jobs_core.Item(n=1), key="k")
+                later = await jobs_core.echo.dispatch(app, jobs_core.Item(n=2), delay=3600)
+                await wait_for(lambda: _status(app, job_id), expect="completed")
+                assert await jobs.cancel(app, later) is True
+                assert await jobs.retry(app, later) is True
+                await wait_for(lambda: _status(app, later), expect="completed")
+                assert (await jobs.queue_counts(app))["core"]["completed"] == 2
+        finally:
+            await app.close()
+    finally:
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
+        )
+        await conn.execute(f'DROP OWNED BY "{role}"')
+        await conn.execute(f'DROP ROLE "{role}"')

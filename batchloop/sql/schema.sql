@@ -383,7 +383,7 @@ CREATE TRIGGER mirror_revision
 
 -- batchloop.jobs: one row per job (migration 0007).
 CREATE TABLE jobs (
-    id               bigserial PRIMARY KEY,
+    id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,  -- no sequence grant needed
     type             text NOT NULL CHECK (char_length(type) BETWEEN 1 AND 200),
     queue            text NOT NULL CHECK (char_length(queue) BETWEEN 1 AND 195),
     status           text NOT NULL DEFAULT 'pending'
