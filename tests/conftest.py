@@ -8,6 +8,7 @@ this file keeps the names the tests use:
   :mod:`batchloop.testing.databases` says (``DATABASE_URL``, else 127.0.0.1:5432 as the OS user
   or ``postgres``, else an embedded PostgreSQL; ``BATCHLOOP_TEST_EMBEDDED=1`` forces the last).
 - ``dsn``: a brand-new, EMPTY database for this test only, dropped (``WITH (FORCE)``) after it.
+  Both kinds are made one test ahead and dropped in a helper thread (``databases.Supply``).
 - ``migrated_dsn``: a brand-new database with ``batchloop.migrate`` applied (schema
   ``batchloop``): the plugin's ``batchloop_dsn``, a copy of a template migrated once per
   session. A database of its own, not the test's ``dsn``.
@@ -41,11 +42,23 @@ def pg_admin_dsn(batchloop_admin_dsn: str) -> str:
     return batchloop_admin_dsn
 
 
+@pytest.fixture(scope="session")
+def _empty_databases(pg_admin_dsn: str) -> Iterator[databases.Supply]:
+    supply = databases.Supply(pg_admin_dsn)
+    try:
+        yield supply
+    finally:
+        supply.close()
+
+
 @pytest.fixture
-def dsn(pg_admin_dsn: str) -> Iterator[str]:
+def dsn(_empty_databases: databases.Supply) -> Iterator[str]:
     """A brand-new, empty database for this test only; dropped afterwards."""
-    with databases.fresh_database(pg_admin_dsn) as url:
+    url = _empty_databases.take()
+    try:
         yield url
+    finally:
+        _empty_databases.give_back(url)
 
 
 @pytest.fixture

@@ -118,23 +118,36 @@ async def test_batchloop_dsn_is_a_fresh_migrated_database(batchloop_dsn: str) ->
         assert await bl.list_workers(pconn) == []
 
 
-def test_fresh_database_is_dropped_afterwards(pg_admin_dsn: str, batchloop_template: str) -> None:
-    with databases.fresh_database(pg_admin_dsn, template=batchloop_template) as url:
-        name = databases.database_of(url)
-        leaked = psycopg.connect(url)  # still open at the drop: WITH (FORCE) ends it
-        assert leaked.execute("SELECT current_database()").fetchone() == (name,)
-    with databases.admin_connect(pg_admin_dsn) as admin:
-        row = admin.execute("SELECT count(*) FROM pg_database WHERE datname = %s", (name,))
-        assert row.fetchone() == (0,)
-    assert leaked.closed or leaked.broken or _dead(leaked)
-
-
-def _dead(conn: psycopg.Connection[Any]) -> bool:
+def test_supply_makes_copies_ahead_and_drops_them_all(
+    pg_admin_dsn: str, batchloop_template: str
+) -> None:
+    prefix = f"bltest_supply_{os.getpid()}_"
+    supply = databases.Supply(pg_admin_dsn, batchloop_template, prefix=prefix)
     try:
-        conn.execute("SELECT 1")
-    except psycopg.OperationalError:
-        return True
-    return False
+        first, second = supply.take(), supply.take()
+        assert first != second
+        assert _databases(pg_admin_dsn, prefix) >= 2  # and the next one, ahead, maybe already
+        leaked = psycopg.connect(first)  # still open at the drop: WITH (FORCE) ends it
+        with psycopg.connect(second) as conn:
+            row = conn.execute("SELECT count(*) FROM batchloop.schema_migrations").fetchone()
+            assert row is not None and row[0] >= 1  # a copy of the migrated template
+        supply.give_back(first)
+        supply.give_back(second)
+    finally:
+        supply.close()  # waits for the drops
+    assert _databases(pg_admin_dsn, prefix) == 0
+    with pytest.raises(psycopg.OperationalError):
+        leaked.execute("SELECT 1")
+    leaked.close()
+
+
+def _databases(admin_dsn: str, prefix: str) -> int:
+    with databases.admin_connect(admin_dsn) as admin:
+        row = admin.execute(
+            "SELECT count(*) FROM pg_database WHERE starts_with(datname, %s)", (prefix,)
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 # ----------------------------------------------------------------------------------- drain

@@ -59,13 +59,26 @@ def batchloop_template(batchloop_admin_dsn: str) -> Iterator[str]:
         yield name
 
 
-@pytest.fixture
-def batchloop_dsn(batchloop_admin_dsn: str, batchloop_template: str) -> Iterator[str]:
-    """A fresh migrated database for this test, as a ``postgresql://`` URL; dropped after it."""
-    from .databases import fresh_database
+@pytest.fixture(scope="session")
+def batchloop_databases(batchloop_admin_dsn: str, batchloop_template: str) -> Iterator[Any]:
+    """Copies of the template, made one ahead (see ``batchloop.testing.databases.Supply``)."""
+    from .databases import Supply
 
-    with fresh_database(batchloop_admin_dsn, template=batchloop_template) as dsn:
+    supply = Supply(batchloop_admin_dsn, batchloop_template)
+    try:
+        yield supply
+    finally:
+        supply.close()
+
+
+@pytest.fixture
+def batchloop_dsn(batchloop_databases: Any) -> Iterator[str]:
+    """A fresh migrated database for this test, as a ``postgresql://`` URL; dropped after it."""
+    dsn: str = batchloop_databases.take()
+    try:
         yield dsn
+    finally:
+        batchloop_databases.give_back(dsn)
 
 
 @pytest.fixture
