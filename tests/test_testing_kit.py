@@ -175,6 +175,25 @@ async def test_drain_in_a_rolled_back_transaction_leaves_nothing(db: Db) -> None
     assert held == 0
 
 
+async def test_drain_on_a_psycopg_connection_in_its_implicit_transaction(
+    batchloop_dsn: str,
+) -> None:
+    """psycopg without autocommit: the first statement began the caller's transaction, and
+    drain's batches are savepoints in it, gone with the caller's rollback."""
+    async with await psycopg.AsyncConnection.connect(batchloop_dsn) as conn:
+        await conn.execute(kit_jobs.SCHEMA)
+        await conn.commit()
+        await conn.execute("INSERT INTO kit_items (queue) VALUES ('i'), ('i'), ('i')")
+        await bl.ping(conn, "i", kit_jobs.take, kit_jobs.move)
+        assert await drain(conn, "i") == 2
+        cur = await conn.execute("SELECT count(*) FROM kit_done")
+        assert await cur.fetchone() == (3,)
+        await conn.rollback()
+        cur = await conn.execute("SELECT count(*) FROM kit_done")
+        assert await cur.fetchone() == (0,)
+        assert await bl.status(conn, "i") is None
+
+
 async def test_drain_outside_a_transaction_commits_each_batch(db: Db) -> None:
     await _items(db, "c", 3)
     await bl.ping(db.conn, "c", kit_jobs.take, kit_jobs.move)

@@ -18,8 +18,8 @@ one transaction; ``CREATE DATABASE ... TEMPLATE`` copies the result at the price
 ``CREATE DATABASE`` (both copy a template, ``template1`` or ours). The session migrates once,
 into a database named ``bltpl_<pid>_<random>``, and every test gets a copy of it.
 
-The admin connections use psycopg's sync API, imported only when a database is needed, so that
-loading the pytest plugin costs nothing in a project that never asks for these fixtures.
+The admin connections use psycopg's sync API (checked for only when a database is needed, with
+one error naming the extra to install when it cannot load).
 """
 
 from __future__ import annotations

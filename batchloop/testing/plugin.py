@@ -1,5 +1,6 @@
 """The pytest plugin (entry point ``pytest11``, name ``batchloop``): loaded by pytest in every
-project that installs batchloop, so it imports nothing heavy until a fixture is used.
+project that installs batchloop, so it connects to nothing, starts nothing and imports no
+optional package (the embedded server's) until a test asks for one of its fixtures.
 
 Fixtures:
 
