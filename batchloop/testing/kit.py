@@ -74,12 +74,15 @@ async def drain(
     Example (in a test, with the ``batchloop_dsn`` fixture)::
 
         conn = await asyncpg.connect(batchloop_dsn)
-        async with conn.transaction():
-            await conn.execute("INSERT INTO events (value) VALUES (1), (2)")
-            await batchloop.ping(conn, "events", next_events, handle_events)
-            assert await batchloop.testing.drain(conn, "events") == 1
-            assert await conn.fetchval("SELECT count(*) FROM events") == 0
-            raise Rollback  # or let a fixture roll back: nothing was committed
+        tx = conn.transaction()
+        await tx.start()
+        await conn.execute("INSERT INTO events (value) VALUES (1), (2)")
+        await batchloop.ping(conn, "events", next_events, handle_events)
+        assert await batchloop.testing.drain(conn, "events") == 1
+        assert await conn.fetchval("SELECT count(*) FROM events") == 0
+        await tx.rollback()  # nothing stays: not the rows, the batches, nor the ping
+
+    docs/testing.md has a complete test file.
     """
     check_name(name)
     check_schema(schema)
@@ -333,7 +336,7 @@ async def wait_idle(
 
 def _still_busy(status: WorkerStatus, timeout: float) -> str:
     detail = f"still {status.state}"
-    if status.state == "running" and status.stale:
+    if status.stale:
         detail += " with no host holding it (is a host with its callables running?)"
     if status.consecutive_failures:
         error = " ".join((status.last_error or "").split())[:200]
