@@ -102,3 +102,13 @@ def reset() -> None:
     SWALLOW.clear()
     DEBOUNCE.clear()
     CALLS.clear()
+
+
+@bl.worker
+async def sleepy(conn: Any, batch: list[int]) -> None:
+    """Writes, then outlasts any short ``iteration_timeout`` on the server."""
+    if _psycopg(conn):
+        await conn.execute("DELETE FROM kit_items WHERE id = ANY(%s)", (batch,))
+    else:
+        await conn.execute("DELETE FROM kit_items WHERE id = ANY($1)", batch)
+    await conn.execute("SELECT pg_sleep(30)")

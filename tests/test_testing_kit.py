@@ -231,6 +231,19 @@ async def test_a_swallowed_error_is_reported_not_committed(db: Db) -> None:
     assert kit_jobs.OUTCOMES == [([1], False)]
 
 
+async def test_drain_applies_the_stored_iteration_timeout(db: Db) -> None:
+    config = bl.Config(iteration_timeout=0.3)
+    async with db.transaction():
+        await _items(db, "slow", 1)
+        await bl.ping(db.conn, "slow", kit_jobs.take, kit_jobs.sleepy, config=config)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"iteration_timeout \(0.3 s\) exceeded"):
+            await drain(db.conn, "slow")
+        assert time.monotonic() - started < 20  # cut off, not left to pg_sleep(30)
+        # The batch's delete was undone with its savepoint; the transaction goes on.
+        assert await db.value("SELECT count(*) FROM kit_items") == 1
+
+
 async def test_drain_stops_at_max_batches(db: Db) -> None:
     async with db.transaction():
         await bl.ping(db.conn, "always", kit_jobs.always, kit_jobs.count)

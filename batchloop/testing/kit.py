@@ -8,9 +8,11 @@ that rolls back at the end leaves nothing behind. ``wait_idle`` is for tests tha
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sized
+import sys
+from collections.abc import AsyncIterator, Awaitable, Sized
 from typing import Any
 
 import anyio
@@ -135,28 +137,39 @@ async def _one_batch(
     name: str,
     query: Registered,
     worker: Registered,
-    timeout: float | None,  # noqa: ASYNC109 - the stored iteration_timeout, applied with fail_after
+    timeout: float | None,  # noqa: ASYNC109 - the stored iteration_timeout, applied by _within
 ) -> bool:
     """One query (and worker, on Work) in a savepoint; whether a batch was processed."""
     conn = tx.conn
     with outcome.collect() as pending:
         try:
             async with tx.batch():
-                if timeout is None:
-                    processed = await _callables(conn, name, query, worker)
-                else:
-                    try:
-                        with anyio.fail_after(timeout) as limit:
-                            processed = await _callables(conn, name, query, worker)
-                    except TimeoutError as exc:
-                        if not limit.cancel_called:
-                            raise  # the callables' own TimeoutError, not ours
-                        raise TimeoutError(f"iteration_timeout ({timeout:g} s) exceeded") from exc
+                work = _callables(conn, name, query, worker)
+                processed = await (work if timeout is None else _within(timeout, work))
         except BaseException:
             outcome.settle(pending, committed=False)
             raise
         outcome.settle(pending, committed=True)
     return processed
+
+
+async def _within(seconds: float, work: Awaitable[bool]) -> bool:
+    """``work``, cancelled after ``seconds`` (``iteration_timeout``).
+
+    asyncio's timeout cancels once, where an anyio cancel scope keeps cancelling every await
+    inside it: psycopg, cancelling its query, would then be cut off again and close the
+    caller's connection; this way it finishes the cancel, and the savepoint rolls back."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    try:
+        if sys.version_info >= (3, 11):
+            async with asyncio.timeout_at(deadline):
+                return await work
+        return await asyncio.wait_for(work, seconds)
+    except (TimeoutError, asyncio.TimeoutError) as exc:
+        if loop.time() < deadline:
+            raise  # the callables' own TimeoutError, not ours
+        raise TimeoutError(f"iteration_timeout ({seconds:g} s) exceeded") from exc
 
 
 async def _callables(conn: Any, name: str, query: Registered, worker: Registered) -> bool:
@@ -337,7 +350,10 @@ async def wait_idle(
 def _still_busy(status: WorkerStatus, timeout: float) -> str:
     detail = f"still {status.state}"
     if status.stale:
-        detail += " with no host holding it (is a host with its callables running?)"
+        detail += (
+            " with no host holding it (is a host with its callables running, and did the "
+            "pinging transaction commit?)"
+        )
     if status.consecutive_failures:
         error = " ".join((status.last_error or "").split())[:200]
         detail += f", {status.consecutive_failures} consecutive failure(s), last: {error}"
