@@ -90,6 +90,9 @@ async def test_a_ping_on_a_draining_loop_sends_nothing(migrated_dsn: str) -> Non
             async with conn.transaction():
                 await conn.execute("INSERT INTO items (name) VALUES ('busy')")
                 assert await bl.ping(conn, "busy", next_items, process_items) == "unchanged"
+            async with conn.transaction():  # a ping alone: no xid, so no row and no WAL
+                assert await bl.ping(conn, "busy", next_items, process_items) == "unchanged"
+                assert await conn.fetchval("SELECT pg_current_xact_id_if_assigned()") is None
             assert await _until_marker(got, conn) == []
             k.gate.set()
             await wait_for(lambda: conn.fetchval("SELECT count(*) = 0 FROM items"))

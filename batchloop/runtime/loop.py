@@ -114,9 +114,11 @@ class NameLoop:
     next poll, and a ping may cut that short (:meth:`work_arrived`)."""
     sleeping: bool = False
     """Inside :meth:`_sleep` (only then does a poke cut anything short)."""
-    arrived: bool = False
-    """A ping committed work while the loop polls (a 'c' wake-up) and the loop has not run an
-    iteration that could see it yet."""
+    arrivals: int = 0
+    """'c' wake-ups received: a ping committed work while this loop was cooling."""
+    seen: int = 0
+    """``arrivals`` when the last iteration began: any beyond it came in after its query may
+    have taken its snapshot, so the loop must look again before it sleeps."""
     worked_at: float = 0.0
     """``anyio.current_time()`` of the last batch or wake, for the cooldown: set from the
     database's ``since_work`` at the claim and at every re-arm, then by our own batches."""
@@ -170,10 +172,9 @@ class NameLoop:
         poll. Only a poll is cut short; a debounce, a failure backoff or a waiting deadline
         stands. If an iteration is running, its query may have missed the work (its snapshot
         came first): the next poll then follows at once."""
-        if self.polling:
-            self.arrived = True
-            if self.sleeping:
-                self.poke.set()
+        self.arrivals += 1
+        if self.polling and self.sleeping:
+            self.poke.set()
 
     async def run(self) -> None:
         """Run until superseded, idle, stopped or cancelled; then release the name."""
@@ -190,9 +191,9 @@ class NameLoop:
                 if delay > 0 and await self._sleep(delay):
                     if self.stopping:
                         break
-                    if self.arrived:
+                    if self.polling and self.arrivals != self.seen:
                         # The iteration's fence is the authority; no need to re-read the state.
-                        self.arrived, delay = False, 0.0
+                        delay = 0.0
                         continue
                     fresh = await self._rearm()
                     if fresh is None:
@@ -208,8 +209,8 @@ class NameLoop:
                     if decision.timeout is None or self.once:
                         break
                     delay = decision.timeout
-                elif self.polling and self.arrived:
-                    self.arrived, delay = False, 0.0  # work arrived during this iteration
+                elif self.polling and self.arrivals != self.seen:
+                    delay = 0.0  # work arrived during this iteration, perhaps after its query
                 else:
                     delay = decision.delay
             else:
@@ -296,12 +297,13 @@ class NameLoop:
 
     async def _iterate(self) -> Decision:
         polls = self.ctx.polls
-        if polls is not None and self.polling and not self.arrived:
+        if polls is not None and self.polling and self.arrivals == self.seen:
             async with polls:
                 return await self._iterate_now()
         return await self._iterate_now()
 
     async def _iterate_now(self) -> Decision:
+        self.seen = self.arrivals
         if self._held is None:
             lease = self.ctx.pool.acquire()
             self._held = (lease, await lease.__aenter__())
@@ -334,7 +336,6 @@ class NameLoop:
             self.failures = 0
             self.batches += 1
             self.worked_at = anyio.current_time()
-            self.arrived = False
         return decision
 
     async def _end_backend(self, pid: int, server: str | None) -> None:
