@@ -380,6 +380,31 @@ def test_docs_example_runs_under_a_plain_pytest(pg_admin_dsn: str, tmp_path: Pat
     assert re.search(r"\b[3-9] passed\b", done.stdout), done.stdout
 
 
+def test_plugin_connects_only_for_its_fixtures_and_a_bad_server_is_one_line(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "test_x.py").write_text(
+        "def test_needs_nothing():\n    pass\n\n\n"
+        "def test_needs_a_database(batchloop_dsn):\n    pass\n",
+        encoding="utf-8",
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "BATCHLOOP_"))}
+    env["DATABASE_URL"] = "postgresql://nobody:s3cret@127.0.0.1:1/nowhere"  # nothing listens
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_x.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 1 and "1 passed, 1 error" in out, out
+    assert "s3cret" not in out
+    (line,) = [x for x in out.splitlines() if x.startswith("DATABASE_URL (")]
+    assert line.startswith("DATABASE_URL (postgresql://nobody:***@127.0.0.1:1/nowhere) does not")
+
+
 def test_template_copy_versus_migrate(pg_admin_dsn: str, batchloop_template: str) -> None:
     """What a migrated database costs per test: a copy of the template, or an empty database
     plus ``migrate``. Reported, not asserted (``pytest -s -k template`` prints it)."""
