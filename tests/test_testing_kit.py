@@ -123,17 +123,19 @@ def test_supply_makes_copies_ahead_and_drops_them_all(
 ) -> None:
     prefix = f"bltest_supply_{os.getpid()}_"
     supply = databases.Supply(pg_admin_dsn, batchloop_template, prefix=prefix)
+    taken: list[str] = []
     try:
-        first, second = supply.take(), supply.take()
+        taken += [supply.take(), supply.take()]
+        first, second = taken
         assert first != second
         assert _databases(pg_admin_dsn, prefix) >= 2  # and the next one, ahead, maybe already
         leaked = psycopg.connect(first)  # still open at the drop: WITH (FORCE) ends it
         with psycopg.connect(second) as conn:
             row = conn.execute("SELECT count(*) FROM batchloop.schema_migrations").fetchone()
             assert row is not None and row[0] >= 1  # a copy of the migrated template
-        supply.give_back(first)
-        supply.give_back(second)
     finally:
+        for url in taken:
+            supply.give_back(url)
         supply.close()  # waits for the drops
     assert _databases(pg_admin_dsn, prefix) == 0
     with pytest.raises(psycopg.OperationalError):
