@@ -213,8 +213,7 @@ async def test_max_failures_stops_a_poison_batch_and_start_resumes(
             # the loop logs once record_failure returns, which may be after we read the status
             await wait_for(
                 lambda: any(
-                    "stopped after 3 consecutive failures" in r.getMessage()
-                    for r in caplog.records
+                    "stopped after 3 consecutive failures" in r.getMessage() for r in caplog.records
                 )
             )
             assert await count(conn, "SELECT count(*) FROM done") == 0

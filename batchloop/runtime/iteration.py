@@ -14,7 +14,7 @@ Each iteration is a single transaction on a pool connection, READ COMMITTED:
    ``COMMIT``) and poll again later. Past the cooldown: take the name's wake lock exclusively
    (``try_go_idle``: it fails while any ping transaction is in flight, and then we poll again),
    re-run the query with a fresh snapshot, and only if it still says idle, write idle or
-   waiting (which also puts the bookkeeping back).
+   waiting (which also puts the bookkeeping back), sent with ``COMMIT``.
 
 The worker's writes and the bookkeeping commit together or not at all; a failure rolls the
 iteration back and propagates to the loop, which records it.
@@ -91,10 +91,8 @@ def _begin_text(
 
 
 @lru_cache(maxsize=4096)
-def _commit_text(
-    schema: str, name: str, generation: int, unbook: bool, debounce: float
-) -> str | None:
-    parts = closing(name, generation, unbook=unbook, debounce=debounce)
+def _commit_text(schema: str, name: str, generation: int, end: str, seconds: float) -> str | None:
+    parts = closing(name, generation, end, seconds)
     inlined = [sql.inline(query, schema, *args) for query, args in parts]
     if any(text is None for text in inlined):
         return None
@@ -102,13 +100,15 @@ def _commit_text(
 
 
 def closing(
-    name: str, generation: int, *, unbook: bool, debounce: float
+    name: str, generation: int, end: str, seconds: float = 0.0
 ) -> list[tuple[str, tuple[object, ...]]]:
-    """The named queries (with arguments) an iteration sends with its ``COMMIT``."""
-    if unbook:
-        return [("unbook_batch", (name, generation))]
-    if debounce > 0:
-        return [("debounce", (name, generation, float(debounce)))]
+    """The named query (with arguments) an iteration sends with its ``COMMIT``: ``end`` is
+    ``unbook_batch`` (no batch), ``debounce`` (``seconds``), ``go_idle``, ``go_waiting``
+    (``seconds``), or empty (a batch, run again at once)."""
+    if end in ("unbook_batch", "go_idle"):
+        return [(end, (name, generation))]
+    if end in ("debounce", "go_waiting"):
+        return [(end, (name, generation, float(seconds)))]
     return []
 
 
@@ -120,6 +120,19 @@ def check_committed(tag: str, name: str) -> None:
             "statement in it failed and its error was caught inside a callable; let it "
             "propagate, or catch it inside `async with conn.transaction():` (a savepoint)"
         )
+
+
+def _ending(decision: Decision, processed: bool) -> tuple[str, float]:
+    """Which closing statement goes with the COMMIT (:func:`closing`)."""
+    if isinstance(decision, Sleep):  # confirmed idle under the wake lock
+        if decision.timeout is None:
+            return "go_idle", 0.0
+        return "go_waiting", float(decision.timeout)
+    if not processed:
+        return "unbook_batch", 0.0
+    if isinstance(decision, RunAgain) and decision.delay > 0:
+        return "debounce", decision.delay
+    return "", 0.0
 
 
 class CallableMissing(Exception):
@@ -237,17 +250,15 @@ class Transaction:
         args = (self._name, self._generation, revision, self._stop_key)
         return await self.io.execute("book_batch", *args) == "UPDATE 1"
 
-    async def commit(self, *, unbook: bool, debounce: float = 0.0) -> None:
-        """Commit; ``unbook`` when no batch was processed, ``debounce`` to delay the next run."""
+    async def commit(self, end: str = "", seconds: float = 0.0) -> None:
+        """Commit, with the closing statement :func:`closing` names (one message)."""
         text = None
         if self._simple:
-            text = _commit_text(self._schema, self._name, self._generation, unbook, debounce)
+            text = _commit_text(self._schema, self._name, self._generation, end, seconds)
         if text is not None:
             tag = await self.io.send(text)
         else:
-            for query, args in closing(
-                self._name, self._generation, unbook=unbook, debounce=debounce
-            ):
+            for query, args in closing(self._name, self._generation, end, seconds):
                 await self.io.execute(query, *args)
             tag = await self.io.commit()
         self.io.ended_as_text()
@@ -319,9 +330,7 @@ class Iteration:
                     f"loop {self.name!r}: a callable ended the iteration's transaction (COMMIT "
                     "or ROLLBACK on the connection it was given); the loop commits it"
                 )
-            went = isinstance(decision, Sleep)  # go_idle / go_waiting already unbooked
-            debounce = decision.delay if isinstance(decision, RunAgain) and processed else 0.0
-            await tx.commit(unbook=not processed and not went, debounce=debounce)
+            await tx.commit(*_ending(decision, processed))
         except BaseException:
             with anyio.move_on_after(CLEANUP_TIMEOUT, shield=True) as scope:
                 if not io.broken():
@@ -361,13 +370,7 @@ class Iteration:
         if isinstance(confirm, Work):
             log.debug("loop %r: work arrived while going idle", self.name)
             return await self._process(conn, confirm), True
-        final = decide.after_confirm(confirm)
-        if final.timeout is None:
-            await io.session.fetchval("go_idle", self.name, self.generation)
-        else:
-            await io.session.fetchval(
-                "go_waiting", self.name, self.generation, float(final.timeout)
-            )
+        final = decide.after_confirm(confirm)  # go_idle / go_waiting travel with the COMMIT
         log.debug("loop %r goes %s", self.name, final.state)
         return final, False
 
