@@ -196,6 +196,36 @@ async def test_drain_on_a_psycopg_connection_in_its_implicit_transaction(
         assert await bl.status(conn, "i") is None
 
 
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_drain_in_a_sqlalchemy_session_that_rolls_back(
+    batchloop_dsn: str, driver: str
+) -> None:
+    import sqlalchemy  # the dev extra has it (the sqlalchemy extra)
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    url = batchloop_dsn.replace("postgresql://", f"postgresql+{driver}://", 1)
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as setup:
+            for statement in kit_jobs.SCHEMA.split(";")[:-1]:
+                await setup.execute(sqlalchemy.text(statement))
+        async with AsyncSession(engine) as session:
+            await session.execute(
+                sqlalchemy.text("INSERT INTO kit_items (queue) VALUES ('sa'), ('sa'), ('sa')")
+            )
+            await bl.ping(session, "sa", kit_jobs.take, kit_jobs.move)
+            assert await drain(session, "sa") == 2
+            done = await session.execute(sqlalchemy.text("SELECT count(*) FROM kit_done"))
+            assert done.scalar_one() == 3
+            await session.rollback()
+            done = await session.execute(sqlalchemy.text("SELECT count(*) FROM kit_done"))
+            assert done.scalar_one() == 0
+            assert await bl.status(session, "sa") is None
+    finally:
+        await engine.dispose()
+    assert kit_jobs.OUTCOMES == [([1, 2], True), ([3], True)]
+
+
 async def test_drain_outside_a_transaction_commits_each_batch(db: Db) -> None:
     await _items(db, "c", 3)
     await bl.ping(db.conn, "c", kit_jobs.take, kit_jobs.move)

@@ -20,6 +20,7 @@ import anyio
 from .. import api
 from ..drivers import _psycopg
 from ..drivers import asyncpg as asyncpg_driver
+from ..drivers.sqlalchemy import driver_connection, is_sqlalchemy
 from ..errors import BatchloopError, NotRegisteredError, TransactionAborted
 from ..models import Debounce, Idle, Work, WorkerStatus
 from ..registry import Kind, Registered, lookup
@@ -71,7 +72,9 @@ async def drain(
       (:class:`DrainRefused`): two loops would process the same rows; an unknown name raises
       :class:`UnknownWorkerError`.
 
-    ``conn``: an asyncpg Connection (or a pool's connection) or a psycopg AsyncConnection.
+    ``conn``: an asyncpg Connection (or a pool's connection), a psycopg AsyncConnection, or a
+    SQLAlchemy AsyncConnection or AsyncSession on one of those (the callables then get the
+    driver's connection underneath, in the session's transaction).
 
     Example (in a test, with the ``batchloop_dsn`` fixture)::
 
@@ -90,6 +93,10 @@ async def drain(
     check_schema(schema)
     if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
         raise ValueError(f"max_batches must be an int >= 1, got {max_batches!r}")
+    if is_sqlalchemy(conn):
+        # Its driver connection, inside the transaction SQLAlchemy has (or now begins) on it;
+        # the callables get that connection, as a host's do.
+        conn = await driver_connection(conn)
     tx = _transactions(conn)
     current = await api.status(conn, name, schema=schema)
     if current is None:
@@ -311,8 +318,9 @@ async def wait_idle(
     committed, on a connection whose reads see new commits (READ COMMITTED, the default; not
     inside a REPEATABLE READ transaction). A stopped name never finishes: it times out.
 
-    ``conn``: an asyncpg Connection or Pool, a psycopg AsyncConnection, or a DSN string (a
-    connection is opened for the wait).
+    ``conn``: an asyncpg Connection or Pool, a psycopg AsyncConnection, a SQLAlchemy
+    AsyncConnection or AsyncSession on one of those, or a DSN string (a connection is opened
+    for the wait).
 
     Example::
 
@@ -363,6 +371,8 @@ def _still_busy(status: WorkerStatus, timeout: float) -> str:
 async def _database_now(conn: Any) -> Any:
     """``clock_timestamp()`` (``now()`` would be the transaction's start)."""
     statement = "SELECT clock_timestamp()"
+    if is_sqlalchemy(conn):
+        conn = await driver_connection(conn)
     if asyncpg_driver.is_pool(conn):
         async with conn.acquire() as c:
             return await c.fetchval(statement)
