@@ -32,6 +32,8 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from ..connect import (
+    ASYNCPG_RESET,
+    PSYCOPG_RESET,
     AsyncpgPool,
     connect,
     create_pool,
@@ -220,6 +222,7 @@ class Host:
             prepare=not self._pooled,
             application_name=self.application_name,
             polls=anyio.Semaphore(max(1, self._pool_sizes[1] // 2)),
+            reset=PSYCOPG_RESET if self.driver == "psycopg" else ASYNCPG_RESET,
         )
         try:
             async with self._pool.acquire() as conn:

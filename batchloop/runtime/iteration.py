@@ -42,6 +42,7 @@ from typing import Any
 import anyio
 
 from .. import observe, sql
+from ..connect import ResetWithCommit
 from ..drivers.base import Row, Session, WorkConnection
 from ..drivers.errors import sqlstate
 from ..errors import Superseded, TransactionAborted
@@ -91,12 +92,14 @@ def _begin_text(
 
 
 @lru_cache(maxsize=4096)
-def _commit_text(schema: str, name: str, generation: int, end: str, seconds: float) -> str | None:
+def _commit_text(
+    schema: str, name: str, generation: int, end: str, seconds: float, reset: str | None
+) -> str | None:
     parts = closing(name, generation, end, seconds)
     inlined = [sql.inline(query, schema, *args) for query, args in parts]
     if any(text is None for text in inlined):
         return None
-    return "; ".join([*inlined, "COMMIT"])  # type: ignore[list-item]
+    return "; ".join([*inlined, *([reset] if reset else []), "COMMIT"])  # type: ignore[list-item]
 
 
 def closing(
@@ -185,17 +188,21 @@ class Transaction:
         stop_key: int,
         *,
         prepare: bool,
+        reset: ResetWithCommit | None = None,
     ) -> None:
         self.io = io
         self._schema = schema
         self._name, self._generation, self._stop_key = name, generation, stop_key
         self._prepare = prepare
+        self._reset = reset
         self._simple = False
         """Whether BEGIN went as our own text (so COMMIT may go the same way)."""
 
     async def begin(self, revision: int) -> bool:
         """Open the transaction and book a batch; False if the fence did not match."""
         io = self.io
+        if self._reset is not None:
+            self._reset.undone(io.server_session())  # in use again: its release resets it
         key = (self._schema, self._name, self._generation, revision, self._stop_key)
         text, prepared = None, False
         if io.sends_text:
@@ -250,11 +257,17 @@ class Transaction:
         args = (self._name, self._generation, revision, self._stop_key)
         return await self.io.execute("book_batch", *args) == "UPDATE 1"
 
-    async def commit(self, end: str = "", seconds: float = 0.0) -> None:
-        """Commit, with the closing statement :func:`closing` names (one message)."""
-        text = None
+    async def commit(self, end: str = "", seconds: float = 0.0, *, leaving: bool = False) -> None:
+        """Commit, with the closing statement :func:`closing` names (one message); ``leaving``:
+        the connection goes back to the pool next, so its reset goes with the COMMIT too."""
+        text, reset = None, self._reset if leaving else None
         if self._simple:
-            text = _commit_text(self._schema, self._name, self._generation, end, seconds)
+            reset_text = None if reset is None else reset.text(self.io.raw)
+            text = _commit_text(
+                self._schema, self._name, self._generation, end, seconds, reset_text
+            )
+        else:
+            reset = None
         if text is not None:
             tag = await self.io.send(text)
         else:
@@ -263,6 +276,8 @@ class Transaction:
             tag = await self.io.commit()
         self.io.ended_as_text()
         check_committed(tag, self._name)
+        if reset is not None:
+            reset.done(self.io.server_session())
 
     async def rollback(self) -> None:
         """A no-op once the transaction is over."""
@@ -281,6 +296,9 @@ class Iteration:
     """The callables and config in force; the fence replaces them on a new revision."""
     prepare: bool = False
     """Keep ``book_batch`` prepared on each connection (not behind a transaction pooler)."""
+    reset: ResetWithCommit | None = None
+    """The pool's reset, to send with the COMMIT before the connection goes back (None: the
+    pool's release runs it)."""
     warned_empty: bool = False
     """Whether this loop has logged that its work query returned an empty batch."""
     items: int | None = None
@@ -293,7 +311,13 @@ class Iteration:
         (None: no cooldown polling, as in a tick's drain). Raises on failure, rolled back."""
         # READ COMMITTED whatever the server default: the go-idle re-read needs a fresh snapshot.
         tx = Transaction(
-            io, self.schema, self.name, self.generation, self.stop_key, prepare=self.prepare
+            io,
+            self.schema,
+            self.name,
+            self.generation,
+            self.stop_key,
+            prepare=self.prepare,
+            reset=self.reset,
         )
         booked = await tx.begin(self.loaded.revision)
         with outcome.collect() as pending:
@@ -330,7 +354,9 @@ class Iteration:
                     f"loop {self.name!r}: a callable ended the iteration's transaction (COMMIT "
                     "or ROLLBACK on the connection it was given); the loop commits it"
                 )
-            await tx.commit(*_ending(decision, processed))
+            # A sleep follows (the loop gives the connection back): reset it with the COMMIT.
+            leaving = isinstance(decision, Sleep) or decision.delay > 0
+            await tx.commit(*_ending(decision, processed), leaving=leaving)
         except BaseException:
             with anyio.move_on_after(CLEANUP_TIMEOUT, shield=True) as scope:
                 if not io.broken():

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import anyio
 
 from .. import observe
-from ..connect import server_id
+from ..connect import ResetWithCommit, server_id
 from ..drivers.base import LoopDriver, Row
 from ..drivers.errors import connection_lost, timed_out
 from ..errors import Superseded
@@ -74,6 +74,8 @@ class LoopContext:
     application_name: str | None = None
     """The host's, on every connection it opens: lets a loop end the server side of a
     connection it lost mid-statement, and only that (None: never try)."""
+    reset: ResetWithCommit | None = None
+    """The pool's reset-on-release, sent with a loop's last COMMIT before it sleeps."""
     polls: anyio.Semaphore | None = None
     """Bounds the cooldown polls running at once (None: no bound), so that when thousands of
     loops cool down together, their polls (speculative: nothing was found last time, and a
@@ -138,6 +140,7 @@ class NameLoop:
             self.stop_key,
             loaded,
             prepare=self.ctx.prepare,
+            reset=self.ctx.reset,
         )
 
     @property
