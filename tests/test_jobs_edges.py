@@ -311,3 +311,20 @@ async def test_an_application_role_with_the_documented_grants_runs_jobs(
         )
         await conn.execute(f'DROP OWNED BY "{role}"')
         await conn.execute(f'DROP ROLE "{role}"')
+
+
+async def test_the_lease_is_extended_while_the_handler_runs(
+    conn: asyncpg.Connection, migrated_dsn: str
+) -> None:
+    async with bl.Host(migrated_dsn, modules=["jobs_core"]):
+        job_id = await jobs_core.long.dispatch(conn, jobs_core.Item(n=1, sleep=2.0))
+        first = await wait_for(lambda: jobs.get(conn, job_id), expect=lambda r: r.lease_until)
+        later = await wait_for(
+            lambda: jobs.get(conn, job_id),
+            expect=lambda r: r.status != "running" or r.lease_until > first.lease_until,
+        )
+        assert later.status == "running"  # extended before it ended
+        await wait_for(lambda: _status(conn, job_id), expect="completed")
+    run = await jobs.get(conn, job_id)
+    assert run is not None and run.attempts == 1 and run.result == {"attempt": 1}
+    assert jobs_core.STARTED == [(1, 1)]  # three leases long, never run twice
