@@ -328,3 +328,11 @@ async def test_the_lease_is_extended_while_the_handler_runs(
     run = await jobs.get(conn, job_id)
     assert run is not None and run.attempts == 1 and run.result == {"attempt": 1}
     assert jobs_core.STARTED == [(1, 1)]  # three leases long, never run twice
+
+
+@pytest.mark.batchloop_modules("jobs_core")
+async def test_the_testing_kits_host_runs_jobs(batchloop_dsn: str, batchloop_host: bl.Host) -> None:
+    async with batchloop_host.pool.acquire() as c:
+        async with c.transaction():
+            job_id = await jobs_core.later.dispatch(c, jobs_core.Later(x=1))
+        await wait_for(lambda: _status(c, job_id), expect="completed")
