@@ -55,8 +55,12 @@ async def dispatch(
 ) -> int:
     text = encode(spec, payload)
     when, seconds = _when(delay, run_at)
-    if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= KEY_MAX):
-        raise ValueError(f"key must be a string of 1 to {KEY_MAX} characters, got {key!r}")
+    if key is not None and (
+        not isinstance(key, str) or not 1 <= len(key) <= KEY_MAX or "\x00" in key
+    ):
+        raise ValueError(
+            f"key must be a string of 1 to {KEY_MAX} characters without NUL, got {key!r}"
+        )
     check_schema(schema)
     args = (spec.type, spec.queue, text, key, spec.max_attempts, spec.lease, when, seconds)
     wake = ping_of(spec.queue)
