@@ -336,3 +336,19 @@ async def test_the_testing_kits_host_runs_jobs(batchloop_dsn: str, batchloop_hos
         async with c.transaction():
             job_id = await jobs_core.later.dispatch(c, jobs_core.Later(x=1))
         await wait_for(lambda: _status(c, job_id), expect="completed")
+
+
+async def test_a_host_with_a_single_pool_connection_still_runs_its_jobs(
+    conn: asyncpg.Connection, migrated_dsn: str
+) -> None:
+    ids = await jobs_core.echo.dispatch_many(conn, [jobs_core.Item(n=n) for n in range(30)])
+    async with bl.Host(migrated_dsn, modules=["jobs_core"], pool_min_size=1, pool_max_size=1):
+        await wait_for(
+            lambda: conn.fetchval(
+                "SELECT count(*) FROM batchloop.jobs WHERE id = ANY($1) AND status = 'completed'",
+                ids,
+            ),
+            expect=len(ids),
+            timeout=30,
+        )
+    assert await conn.fetchval("SELECT count(*) FROM completions") == len(ids)

@@ -44,6 +44,8 @@ RETRY_CAP = 300.0
 ERROR_MAX = 4000
 EXTEND_TICK_MAX = 1.0
 RECORD_RETRY_MAX = 5.0
+KEEP_CONNECTION = 0.05
+"""How long the flusher keeps its pool connection with nothing to record (seconds)."""
 
 
 def backoff(attempt: int, jitter: float) -> float:
@@ -243,6 +245,13 @@ class Runtime:
 
     async def _flush_forever(self) -> None:
         while True:
+            if self._held is not None and not self._have.is_set():
+                # Idle a moment: the connection goes back, so even a pool of one connection
+                # is never kept from the loops.
+                try:
+                    await asyncio.wait_for(self._have.wait(), KEEP_CONNECTION)
+                except asyncio.TimeoutError:
+                    await self._drop_connection()
             await self._have.wait()
             self._have.clear()
             # Let the handlers already scheduled finish too: they join this flush.
@@ -297,7 +306,8 @@ class Runtime:
         await self._record_with_retries([Completion(one.attempt, "fail", error=error)])
 
     async def _connection(self) -> Any:
-        """The flusher's own pool connection, kept: no pool round trip per flush."""
+        """The flusher's pool connection, kept while completions keep coming: no pool round
+        trip per flush."""
         if self._held is None:
             lease = self.host.lend()
             self._held = (lease, await lease.__aenter__())
