@@ -3,6 +3,7 @@ raising, handlers returning what cannot be stored, a host without the queue's ty
 
 from __future__ import annotations
 
+import datetime
 import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
@@ -352,3 +353,27 @@ async def test_a_host_with_a_single_pool_connection_still_runs_its_jobs(
             timeout=30,
         )
     assert await conn.fetchval("SELECT count(*) FROM completions") == len(ids)
+
+
+async def test_a_lease_whose_commit_went_unanswered_starts_what_committed(
+    conn: asyncpg.Connection, migrated_dsn: str
+) -> None:
+    from batchloop.jobs.runner import runtime_of
+
+    lease = (
+        "UPDATE batchloop.jobs SET status = 'running', attempts = attempts + 1,"
+        " started_at = now(), lease_until = now() + interval '1 hour' WHERE id = $1 RETURNING *"
+    )
+    async with bl.Host(migrated_dsn, modules=["jobs_core"]) as host:
+        # Delayed: the loop leaves them alone; this test leases them itself.
+        committed = await jobs_core.echo.dispatch(conn, jobs_core.Item(n=1), delay=3600)
+        rolled_back = await jobs_core.echo.dispatch(conn, jobs_core.Item(n=2), delay=3600)
+        row = dict(await conn.fetchrow(lease, committed))
+        # As if the loop's lease of rolled_back had been rolled back and the job leased again
+        # by someone else since: same attempt number, another transaction.
+        other = dict(await conn.fetchrow(lease, rolled_back))
+        other["started_at"] -= datetime.timedelta(seconds=1)
+        runtime_of(host).verify([row, other])
+        await wait_for(lambda: _status(conn, committed), expect="completed")
+        assert jobs_core.STARTED == [(1, 1)]
+    assert await _status(conn, rolled_back) == "running"  # not ours: never started here

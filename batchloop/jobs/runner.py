@@ -175,6 +175,7 @@ class Runtime:
         self._flusher: asyncio.Task[None] | None = None
         self._extender: asyncio.Task[None] | None = None
         self._held: tuple[contextlib.AbstractAsyncContextManager[Any], Any] | None = None
+        self._verifying: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ handlers
 
@@ -200,6 +201,41 @@ class Runtime:
             )
             self.attempts[attempt.id, attempt.attempt] = attempt
             attempt.task = asyncio.create_task(self._run(attempt))
+
+    def verify(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """The lease of ``rows`` did not commit, or its outcome is unknown: start the
+        handlers of whatever it did commit (nothing, after a plain rollback)."""
+        task = asyncio.create_task(self._verify(rows), name="batchloop-jobs-verify")
+        self._verifying.add(task)
+        task.add_done_callback(self._verifying.discard)
+
+    async def _verify(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        # Until the lease would have expired anyway: after that the job is due again.
+        deadline = time.monotonic() + min(float(r["lease_seconds"]) for r in rows)
+        pause = 0.05
+        while True:
+            try:
+                async with self.host.lend() as conn, session_for(conn, self.schema) as s:
+                    found = await s.fetch(
+                        "jobs_leased",
+                        [r["id"] for r in rows],
+                        [r["attempts"] for r in rows],
+                        [r["started_at"] for r in rows],
+                    )
+                break
+            except Exception as exc:
+                if time.monotonic() + pause >= deadline or self.closing:
+                    log.warning("jobs: cannot tell whether a lease committed (%s)", exc)
+                    return
+                await asyncio.sleep(pause)
+                pause = min(1.0, pause * 2)
+        ours = {row["id"] for row in found}
+        if ours and not self.closing:
+            log.warning(
+                "jobs: a lease's COMMIT went unanswered but committed; starting %d jobs",
+                len(ours),
+            )
+            self.start([row for row in rows if row["id"] in ours])
 
     async def _run(self, a: Attempt) -> None:
         try:
@@ -452,6 +488,7 @@ class Runtime:
                 log.warning("jobs: handed back %d unfinished jobs at shutdown", len(given_up))
         finally:
             helpers = [t for t in (self._flusher, self._extender) if t is not None]
+            helpers += self._verifying
             for helper in helpers:
                 helper.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)

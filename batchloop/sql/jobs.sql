@@ -226,3 +226,12 @@ RETURNING *
 SELECT queue, status, count(*)::bigint AS n FROM {schema}.jobs
  WHERE $1::text IS NULL OR queue = $1::text
  GROUP BY queue, status ORDER BY queue, status
+
+-- name: jobs_leased
+-- Which of a lease's rows ($1 ids, $2 attempts, $3 started_at: the leasing transaction's now())
+-- that lease holds: after a COMMIT whose outcome is unknown (the connection broke), these are
+-- the ones it committed. started_at tells it from a later lease of the same attempt number.
+SELECT j.id FROM {schema}.jobs j
+  JOIN unnest($1::bigint[], $2::integer[], $3::timestamptz[]) AS c(id, attempt, started_at)
+    ON j.id = c.id AND j.attempts = c.attempt AND j.started_at = c.started_at
+ WHERE j.status = 'running'
