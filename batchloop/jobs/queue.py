@@ -40,6 +40,9 @@ BLOCKED_PAUSE = 0.05
 """Due jobs all locked by other transactions (a cancel in flight): pause rather than spin."""
 COOLDOWN = 1.0
 POLL = 0.05
+"""After its last lease the loop polls every POLL seconds for COOLDOWN seconds (a dispatch's
+ping on a running loop writes nothing, so it is seen at the next poll), then sleeps until the
+next due time and a dispatch's ping wakes it."""
 AT_CAPACITY_POLL = 0.2
 """Every slot taken: this host's completions wake the loop at once; others' within this."""
 
