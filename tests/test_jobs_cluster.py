@@ -191,3 +191,53 @@ async def test_jobs_finish_once_each_when_the_hosts_connections_are_cut_mid_run(
     rows = await conn.fetch("SELECT job_id, count(*) AS n FROM completions GROUP BY job_id")
     assert sorted(r["job_id"] for r in rows) == sorted(ids)
     assert {r["n"] for r in rows} == {1}  # on_complete once per job, whatever was cut
+
+
+async def test_the_loop_records_finished_attempts_with_its_next_lease(
+    conn: asyncpg.Connection, migrated_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchloop.jobs import runner
+
+    async def no_flusher(self: runner.Runtime) -> None:
+        await asyncio.Event().wait()  # only the queue's loop records completions now
+
+    monkeypatch.setattr(runner.Runtime, "_flush_forever", no_flusher)
+    ids = await jobs_core.limited.dispatch_many(
+        conn, [jobs_core.Item(n=n, sleep=0.05) for n in range(12)]
+    )
+    watcher = await asyncpg.connect(migrated_dsn)
+    live: list[int] = []
+
+    async def sample() -> None:
+        while True:
+            live.append(
+                await watcher.fetchval(
+                    "SELECT count(*) FROM batchloop.jobs WHERE queue = 'limited'"
+                    " AND status = 'running'"
+                )
+            )
+            await asyncio.sleep(0.005)
+
+    sampler = asyncio.ensure_future(sample())
+    try:
+        async with bl.Host(migrated_dsn, modules=["jobs_core"]):
+            await wait_for(
+                lambda: conn.fetchval(
+                    "SELECT count(*) FROM batchloop.jobs WHERE id = ANY($1)"
+                    " AND status = 'completed'",
+                    ids,
+                ),
+                expect=len(ids),
+                timeout=30,
+            )
+    finally:
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
+        await watcher.close()
+    # Each lease of freed slots committed with the completions that freed them: the table
+    # never showed more than the 3 running that the queue allows.
+    assert live and max(live) <= 3
+    assert jobs_core.RUNNING["max"] == 3
+    rows = await conn.fetch("SELECT job_id, count(*) AS n FROM completions GROUP BY job_id")
+    assert sorted(r["job_id"] for r in rows) == sorted(ids) and {r["n"] for r in rows} == {1}

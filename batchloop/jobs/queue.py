@@ -63,11 +63,13 @@ def queue_name(queue: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Due:
-    """A batch: jobs to lease (or to record as canceled), and whether to sweep old jobs."""
+    """A batch: jobs to lease (or to record as canceled), whether to sweep old jobs, and the
+    finished attempts (a runner's ``Taken``) to record first, in the same transaction."""
 
     queue: str
     ids: list[int]
     sweep: bool = False
+    taken: Any = None
 
 
 def _host(queue: str) -> Host:
@@ -96,14 +98,25 @@ async def next_jobs(conn: Any, name: str) -> bl.Work[Due] | bl.Idle:
     host = _host(queue)
     types = _types(queue)
     settings = queue_settings(queue)
+    from .runner import runtime_of
+
+    # Finished attempts this transaction will record before leasing: their slots are free.
+    runtime = runtime_of(host)
+    taken = runtime.take(queue)
+    done_ids = [c.attempt.id for c in taken.completions]
+    done_attempts = [c.attempt.attempt for c in taken.completions]
+    # Whatever becomes of the transaction, the runner learns: recorded, or back to the flusher.
+    on_outcome(lambda committed: runtime.settle(taken, committed))
     async with session_for(conn, host.schema) as s:
-        row = await s.fetchrow("jobs_due", queue, types, settings.concurrency)
+        row = await s.fetchrow(
+            "jobs_due", queue, types, settings.concurrency, done_ids, done_attempts
+        )
         assert row is not None
         ids = [*row["due"], *row["ending"]]
         now = time.monotonic()
         if now < _sweep_checked.get((host.host_id, queue), 0.0):
-            if ids:
-                return bl.Work(Due(queue, ids))
+            if ids or taken.completions:
+                return bl.Work(Due(queue, ids, taken=taken))
             if row["busy"] >= settings.concurrency:
                 return _at_capacity(row["expiry_in"])
         times = await s.fetchrow("jobs_next", queue, types, settings.retention)
@@ -112,8 +125,8 @@ async def next_jobs(conn: Any, name: str) -> bl.Work[Due] | bl.Idle:
     sweep = sweep_in is not None and sweep_in <= 0
     next_check = SWEEP_CHECK if sweep_in is None else min(SWEEP_CHECK, sweep_in)
     _sweep_checked[host.host_id, queue] = now + next_check
-    if ids or sweep:
-        return bl.Work(Due(queue, ids, sweep))
+    if ids or sweep or taken.completions:
+        return bl.Work(Due(queue, ids, sweep, taken))
     if row["busy"] >= settings.concurrency:
         return _at_capacity(expiry_in)
     soonest = [t for t in (run_in, expiry_in, sweep_in) if t is not None]
@@ -135,6 +148,8 @@ async def lease_jobs(conn: Any, batch: Due) -> bl.Debounce | None:
     host = _host(batch.queue)
     runtime = runtime_of(host)
     started = []
+    if batch.taken is not None:
+        await runtime.record_in(conn, batch.taken)
     async with session_for(conn, host.schema) as s:
         rows = await s.fetch("jobs_lease", batch.ids) if batch.ids else []
         for row in rows:

@@ -44,6 +44,8 @@ RETRY_CAP = 300.0
 ERROR_MAX = 4000
 EXTEND_TICK_MAX = 1.0
 RECORD_RETRY_MAX = 5.0
+NO_PING = (None,) * 6
+"""The ping arguments of ``jobs_complete`` when the queue's own loop records (it runs)."""
 KEEP_CONNECTION = 0.05
 """How long the flusher keeps its pool connection with nothing to record (seconds)."""
 
@@ -122,6 +124,16 @@ class Attempt:
     task: asyncio.Task[None] | None = None
 
 
+@dataclass(eq=False, slots=True)
+class Taken:
+    """Completions a queue's loop took to record in its own transaction (before leasing the
+    slots they free): given back to the flusher unless that transaction records them."""
+
+    completions: list[Completion]
+    recorded: bool = False
+    returned: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class Completion:
     attempt: Attempt
@@ -176,6 +188,9 @@ class Runtime:
         self._extender: asyncio.Task[None] | None = None
         self._held: tuple[contextlib.AbstractAsyncContextManager[Any], Any] | None = None
         self._verifying: set[asyncio.Task[None]] = set()
+        self._solo: set[tuple[int, int]] = set()
+        self._flushing = False
+        """Attempts the loop failed to record: left to the flusher."""
 
     # ------------------------------------------------------------------ handlers
 
@@ -272,6 +287,56 @@ class Runtime:
         else:
             self._finish(Completion(a, "ok", result=text))
 
+    def take(self, queue: str) -> Taken:
+        """This queue's finished attempts that no flush has taken yet, for the loop."""
+        mine = [
+            c
+            for c in self.done
+            if c.attempt.spec.queue == queue and (c.attempt.id, c.attempt.attempt) not in self._solo
+        ][:FLUSH_MAX]
+        if mine:
+            taken = {id(c) for c in mine}
+            self.done = [c for c in self.done if id(c) not in taken]
+            if not self.done and not self._flushing:
+                self._idle.set()
+        return Taken(mine)
+
+    def give_back(self, taken: Taken, *, solo: bool = False) -> None:
+        """The loop did not record them: the flusher will (``solo``: and the loop leaves
+        them to it, since recording them in the loop failed)."""
+        if taken.returned or not taken.completions:
+            return
+        taken.returned = True
+        if solo:
+            self._solo.update((c.attempt.id, c.attempt.attempt) for c in taken.completions)
+        self.done[:0] = taken.completions
+        self._idle.clear()
+        self._have.set()
+
+    def settle(self, taken: Taken, committed: bool) -> None:
+        """The loop's transaction ended: forget what it recorded, or give it back."""
+        if taken.recorded and committed:
+            for c in taken.completions:
+                self._forget(c.attempt)
+        else:
+            self.give_back(taken)
+
+    async def record_in(self, conn: Any, taken: Taken) -> None:
+        """Record ``taken`` in the caller's transaction (the loop's), in a savepoint: a value
+        the server refuses gives them back to the flusher, which records them one by one."""
+        if not taken.completions:
+            return
+        try:
+            async with conn.transaction():
+                rows = await self._complete(conn, taken.completions, NO_PING)
+        except Exception as exc:
+            if not _bad_value(exc):
+                raise
+            self.give_back(taken, solo=True)
+            return
+        self._report_stale(taken.completions, rows)
+        taken.recorded = True
+
     def _finish(self, completion: Completion) -> None:
         self.done.append(completion)
         self._idle.clear()
@@ -290,7 +355,8 @@ class Runtime:
                     await self._drop_connection()
             await self._have.wait()
             self._have.clear()
-            # Let the handlers already scheduled finish too: they join this flush.
+            # Let the handlers already scheduled finish too: they join this flush (unless the
+            # queue's loop, iterating meanwhile, took them to record with its next lease).
             await asyncio.sleep(0)
             try:
                 await self.flush()
@@ -301,12 +367,16 @@ class Runtime:
 
     async def flush(self) -> None:
         """Record every finished attempt queued so far, one statement per queue."""
-        while self.done:
-            queue = self.done[0].attempt.spec.queue
-            batch = [c for c in self.done if c.attempt.spec.queue == queue][:FLUSH_MAX]
-            taken = {id(c) for c in batch}
-            self.done = [c for c in self.done if id(c) not in taken]
-            await self._record_with_retries(batch)
+        self._flushing = True
+        try:
+            while self.done:
+                queue = self.done[0].attempt.spec.queue
+                batch = [c for c in self.done if c.attempt.spec.queue == queue][:FLUSH_MAX]
+                taken = {id(c) for c in batch}
+                self.done = [c for c in self.done if id(c) not in taken]
+                await self._record_with_retries(batch)
+        finally:
+            self._flushing = False
         self._idle.set()
 
     async def _record_with_retries(self, batch: list[Completion]) -> None:
@@ -360,45 +430,57 @@ class Runtime:
         from .queue import ping_of, queue_name
 
         queue = batch[0].attempt.spec.queue
-        args = (
-            [c.attempt.id for c in batch],
-            [c.attempt.attempt for c in batch],
-            [c.outcome for c in batch],
-            [c.result for c in batch],
-            [c.error for c in batch],
-            [c.delay for c in batch],
-            *ping_of(queue),
-        )
         conn = await self._connection()
-        async with session_for(conn, self.schema) as s:
-            if any(c.attempt.spec.on_complete is not None for c in batch):
-                async with conn.transaction():
-                    rows = await s.fetch("jobs_complete", *args)
-                    for row in rows:
-                        if row["status"] in FINAL and row["on_complete"]:
-                            await call_on_complete(conn, from_row(row))
-            else:
-                # One statement needs no transaction of its own.
-                rows = await s.fetch("jobs_complete", *args)
-        if len(rows) < len(batch):
-            recorded = {row["id"] for row in rows}
-            for c in batch:
-                if c.attempt.id not in recorded:
-                    log.info(
-                        "job %d (%s) attempt %d: its lease was lost, so its outcome (%s) is "
-                        "dropped; a newer attempt decides",
-                        c.attempt.id,
-                        c.attempt.spec.type,
-                        c.attempt.attempt,
-                        c.outcome,
-                    )
+        if any(c.attempt.spec.on_complete is not None for c in batch):
+            async with conn.transaction():
+                rows = await self._complete(conn, batch, ping_of(queue))
+        else:
+            # One statement needs no transaction of its own.
+            rows = await self._complete(conn, batch, ping_of(queue))
+        self._report_stale(batch, rows)
         for c in batch:
             self._forget(c.attempt)
         self.host.poke(queue_name(queue))
 
+    async def _complete(
+        self, conn: Any, batch: list[Completion], ping: tuple[Any, ...]
+    ) -> Sequence[Mapping[str, Any]]:
+        """``jobs_complete`` for ``batch``, then on_complete for each row it made final."""
+        async with session_for(conn, self.schema) as s:
+            rows = await s.fetch(
+                "jobs_complete",
+                [c.attempt.id for c in batch],
+                [c.attempt.attempt for c in batch],
+                [c.outcome for c in batch],
+                [c.result for c in batch],
+                [c.error for c in batch],
+                [c.delay for c in batch],
+                *ping,
+            )
+        for row in rows:
+            if row["status"] in FINAL and row["on_complete"]:
+                await call_on_complete(conn, from_row(row))
+        return rows
+
+    def _report_stale(self, batch: list[Completion], rows: Sequence[Mapping[str, Any]]) -> None:
+        if len(rows) == len(batch):
+            return
+        recorded = {row["id"] for row in rows}
+        for c in batch:
+            if c.attempt.id not in recorded:
+                log.info(
+                    "job %d (%s) attempt %d: its lease was lost, so its outcome (%s) is "
+                    "dropped; a newer attempt decides",
+                    c.attempt.id,
+                    c.attempt.spec.type,
+                    c.attempt.attempt,
+                    c.outcome,
+                )
+
     def _forget(self, a: Attempt) -> None:
         if self.attempts.get((a.id, a.attempt)) is a:
             del self.attempts[a.id, a.attempt]
+        self._solo.discard((a.id, a.attempt))
 
     # ------------------------------------------------------------------ leases
 

@@ -41,7 +41,11 @@ SELECT ins.id,
   FROM ins
 
 -- name: jobs_due
--- The queue's work query. $1 queue, $2 the types this process runs, $3 concurrency.
+-- The queue's work query. $1 queue, $2 the types this process runs, $3 concurrency; $4, $5
+-- the ids and attempts of finished attempts that this same transaction records (the worker
+-- does, before it leases): their slots are free once it commits, together with the new
+-- leases, so the table never shows more than concurrency running. Exact pairs: a row
+-- re-leased since (another attempt) still counts.
 -- busy: live leases (they hold slots, wherever their handlers run), expiry_in: seconds to the
 -- first live lease's end; due: pending jobs whose
 -- run_at passed and expired leases, up to the free slots; ending: cancels to record (they take
@@ -49,6 +53,7 @@ SELECT ins.id,
 WITH busy AS (
     SELECT count(*)::integer AS n FROM {schema}.jobs
      WHERE queue = $1 AND status = 'running' AND lease_until > now()
+       AND (id, attempts) NOT IN (SELECT * FROM unnest($4::bigint[], $5::integer[]))
 )
 SELECT busy.n AS busy,
        extract(epoch FROM (SELECT min(lease_until) FROM {schema}.jobs
@@ -118,7 +123,8 @@ RETURNING j.*
 -- ('ok', 'retry', 'fail'), $4 results (JSON texts), $5 errors, $6 retry delays (s). Only rows
 -- still running that attempt change (the fence); the others' outcomes are stale, dropped.
 -- $7..$12: the ping of the queue's loop (see ping in queries.sql), in the same statement, so
--- a loop that went to sleep leases the freed slots (a no-op, writing nothing, while it runs).
+-- a loop that went to sleep leases the freed slots (a no-op, writing nothing, while it runs);
+-- all NULL when the loop itself records them.
 WITH done AS (
     UPDATE {schema}.jobs j
        SET status = {schema}.jobs_next_status(j.cancel_requested, c.outcome, j.attempts,
@@ -141,7 +147,9 @@ WITH done AS (
     RETURNING j.*
 )
 SELECT done.*,
-       (SELECT {schema}.ping($7, $8, $9, $10::jsonb, $11::jsonb, $12::integer)) AS pinged
+       CASE WHEN $7::text IS NOT NULL
+            THEN (SELECT {schema}.ping($7, $8, $9, $10::jsonb, $11::jsonb, $12::integer))
+       END AS pinged
   FROM done
 
 -- name: jobs_extend
