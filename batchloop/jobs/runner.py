@@ -6,8 +6,10 @@ the handlers' tasks. No transaction stays open while a handler runs. Finished at
 and a single flusher records them, as many as have finished, in one fenced statement
 (``jobs_complete``), runs ``on_complete`` for each row that statement moved to a final state,
 re-pings the queues (free while their loops run) in that same transaction, and then pokes this
-host's loops so they lease the freed slots at once. An extender renews the leases of running
-attempts, one statement for all of them, a third of the way into each lease.
+host's loops so they lease the freed slots at once; a queue's loop that gets to them first
+(:meth:`Runtime.take`) records them itself, in the transaction leasing their slots again. An
+extender renews the leases of running attempts, one statement for all of them, a third of the
+way into each lease. A lease whose COMMIT went unanswered is looked up (:meth:`Runtime.verify`).
 """
 
 from __future__ import annotations
