@@ -83,7 +83,7 @@ async def test_progress_is_visible_while_the_job_runs(
 
 
 def test_backoff_is_exponential_with_jitter_and_the_first_retry_within_a_second() -> None:
-    from batchloop.jobs.runner import RETRY_CAP, backoff
+    from batchloop.jobs.outcomes import RETRY_CAP, backoff
 
     assert 0 < backoff(1, 0.0) < backoff(1, 0.999) <= 1.0
     assert [backoff(n, 0.0) for n in (1, 2, 3)] == [0.25, 0.5, 1.0]
