@@ -193,8 +193,9 @@ async def test_jobs_finish_once_each_when_the_hosts_connections_are_cut_mid_run(
     assert {r["n"] for r in rows} == {1}  # on_complete once per job, whatever was cut
 
 
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
 async def test_the_loop_records_finished_attempts_with_its_next_lease(
-    conn: asyncpg.Connection, migrated_dsn: str, monkeypatch: pytest.MonkeyPatch
+    conn: asyncpg.Connection, migrated_dsn: str, monkeypatch: pytest.MonkeyPatch, driver: str
 ) -> None:
     from batchloop.jobs import runner
 
@@ -220,7 +221,7 @@ async def test_the_loop_records_finished_attempts_with_its_next_lease(
 
     sampler = asyncio.ensure_future(sample())
     try:
-        async with bl.Host(migrated_dsn, modules=["jobs_core"]):
+        async with bl.Host(migrated_dsn, modules=["jobs_core"], driver=driver):  # type: ignore[arg-type]
             await wait_for(
                 lambda: conn.fetchval(
                     "SELECT count(*) FROM batchloop.jobs WHERE id = ANY($1)"
