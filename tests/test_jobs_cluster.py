@@ -221,7 +221,7 @@ async def test_the_loop_records_finished_attempts_with_its_next_lease(
 
     sampler = asyncio.ensure_future(sample())
     try:
-        async with bl.Host(migrated_dsn, modules=["jobs_core"], driver=driver):  # type: ignore[arg-type]
+        async with bl.Host(migrated_dsn, modules=["jobs_core"], driver=driver):
             await wait_for(
                 lambda: conn.fetchval(
                     "SELECT count(*) FROM batchloop.jobs WHERE id = ANY($1)"
