@@ -41,8 +41,9 @@ Systems:
   in-memory exporter), so each iteration makes one span. Its ratio is to ``batchloop`` (the
   same run): the cost of metrics and tracing. ``batchloop-observed-callables`` adds the work
   query's and the worker's spans (``tracing.use(provider, callables=True)``): three spans an
-  iteration. Not in the default systems; e.g. ``python bench/drain.py --systems
-  batchloop,batchloop-observed,batchloop-observed-callables --batches 100 --runs 7``.
+  iteration. ``batchloop-metrics`` has the metrics alone. Not in the default systems; e.g.
+  ``python bench/drain.py --systems batchloop,batchloop-metrics,batchloop-observed,
+  batchloop-observed-callables --batches 100 --runs 15``.
 * ``pgqueuer``, ``procrastinate``: N no-op jobs drained by the queue's own worker, tuned per its
   documentation for throughput; see ``bench/peers/`` for exactly how, and the JSON for the
   settings of each trial.
@@ -91,16 +92,20 @@ SYSTEMS = (
     "batchloop",
     "batchloop-cursor",
     "batchloop-psycopg",
+    "batchloop-metrics",
     "batchloop-observed",
     "batchloop-observed-callables",
     "pgqueuer",
     "procrastinate",
 )
 PEERS = {"pgqueuer": "peers.pgqueuer_peer", "procrastinate": "peers.procrastinate_peer"}
-DEFAULT_SYSTEMS = tuple(s for s in SYSTEMS if not s.startswith("batchloop-observed"))
+DEFAULT_SYSTEMS = tuple(
+    s for s in SYSTEMS if not s.startswith(("batchloop-observed", "batchloop-metrics"))
+)
 BASELINE = {
     "raw-cursor": "raw",
     "batchloop-cursor": "raw-cursor",
+    "batchloop-metrics": "batchloop",
     "batchloop-observed": "batchloop",
     "batchloop-observed-callables": "batchloop",
 }
@@ -255,10 +260,10 @@ async def drain_worker_psycopg(conn: Any, batch: list[int]) -> None:
     await conn.execute(PG_DELETE, (batch,))
 
 
-def observe_everything(callables: bool) -> tuple[Any, Any]:
-    """Metrics registered and an SDK tracer provider exporting in-process: what a service with
-    both turned on pays (``callables``: with the work query's and worker's spans too). Returns
-    (metrics, (provider, span exporter))."""
+def observe_everything(callables: bool, traces: bool = True) -> tuple[Any, Any]:
+    """Metrics registered and (``traces``) an SDK tracer provider exporting in-process: what a
+    service with both turned on pays (``callables``: with the work query's and worker's spans
+    too). Returns (metrics, (provider, span exporter)); the provider is None without traces."""
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -269,6 +274,8 @@ def observe_everything(callables: bool) -> tuple[Any, Any]:
 
     metrics = Metrics()
     observe.register(metrics)
+    if not traces:
+        return metrics, (None, None)
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(BatchSpanProcessor(exporter))
@@ -280,8 +287,8 @@ async def trial_batchloop(dsn: str, rows: int, batch: int, variant: str) -> dict
     await fill_items(dsn, rows)
     await bl.migrate(dsn)
     observed = (
-        observe_everything(variant == "observed-callables")
-        if variant.startswith("observed")
+        observe_everything(variant == "observed-callables", traces=variant != "metrics")
+        if variant.startswith("observed") or variant == "metrics"
         else None
     )
     STATE.batch, STATE.last, STATE.done = batch, 0, asyncio.Event()
@@ -291,6 +298,7 @@ async def trial_batchloop(dsn: str, rows: int, batch: int, variant: str) -> dict
         "psycopg": (drain_query_psycopg, drain_worker_psycopg),
         "observed": (drain_query, drain_worker),
         "observed-callables": (drain_query, drain_worker),
+        "metrics": (drain_query, drain_worker),
     }[variant]
     driver = "psycopg" if variant == "psycopg" else "asyncpg"
     async with bl.Host(dsn, driver=driver):
@@ -313,10 +321,12 @@ async def trial_batchloop(dsn: str, rows: int, batch: int, variant: str) -> dict
     }
     if observed is not None:
         metrics, (provider, exporter) = observed
-        provider.force_flush()
-        spans = len(exporter.get_finished_spans())
+        spans = 0
+        if provider is not None:
+            provider.force_flush()
+            spans = len(exporter.get_finished_spans())
         counted = metrics.registry.get_sample_value("batchloop_batches_total", {"name": NAME})
-        per_batch = 3 if variant == "observed-callables" else 1
+        per_batch = {"observed-callables": 3, "metrics": 0}.get(variant, 1)
         if spans < per_batch * status.batches or counted != status.batches:
             raise RuntimeError(f"observers saw {spans} spans and {counted} batches")
         settings["observe"] = (
