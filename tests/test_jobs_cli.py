@@ -188,7 +188,9 @@ async def test_final_states_show_result_and_error(migrated_dsn: str) -> None:
 
 
 async def test_bad_input_is_one_line(migrated_dsn: str) -> None:
-    one_error(await cli("jobs", "show", "999999", dsn_env(migrated_dsn)), 1, "no job with id 999999")
+    one_error(
+        await cli("jobs", "show", "999999", dsn_env(migrated_dsn)), 1, "no job with id 999999"
+    )
     one_error(await cli("jobs", "cancel", "999999", dsn_env(migrated_dsn)), 1, "no job with id")
     one_error(await cli("jobs", "retry", "999999", dsn_env(migrated_dsn)), 1, "no job with id")
     one_error(await cli("jobs", "show", "abc", dsn_env(migrated_dsn)), 2, "whole number")

@@ -2,7 +2,8 @@
 
 Tuned per its "Performance Tuning" guide and its own ``tools/benchmark.py`` drain strategy:
 ``batch_size`` = the benchmark's batch size (jobs per ``FOR UPDATE SKIP LOCKED`` dequeue), no
-``max_concurrent_tasks`` cap, one dedicated asyncpg connection per ``QueueManager``
+``max_concurrent_tasks`` cap (bench/jobs.py sets one: option ``pgq_max_concurrent_tasks``),
+one dedicated asyncpg connection per ``QueueManager``
 (``AsyncpgDriver``, as the guide recommends over a pool), ``pgq autovac`` settings applied,
 durability left ``durable`` (logged tables, like the user table of raw and batchloop), and
 ``mode=drain`` so ``run()`` returns once the queue is empty and every job's status is flushed.
@@ -28,7 +29,7 @@ def settings(batch: int, options: dict[str, Any]) -> dict[str, Any]:
         "batch_size": batch,
         "workers": int(options.get("pgq_workers", 1)),
         "driver": "AsyncpgDriver (one connection per QueueManager)",
-        "max_concurrent_tasks": None,
+        "max_concurrent_tasks": options.get("pgq_max_concurrent_tasks"),
         "durability": "durable",
         "autovac": True,
         "mode": "drain",
@@ -67,7 +68,14 @@ async def trial(dsn: str, rows: int, batch: int, options: dict[str, Any]) -> dic
     try:
         started = time.perf_counter()
         await asyncio.gather(
-            *(qm.run(batch_size=batch, mode=QueueExecutionMode.drain) for qm in managers)
+            *(
+                qm.run(
+                    batch_size=batch,
+                    mode=QueueExecutionMode.drain,
+                    max_concurrent_tasks=used["max_concurrent_tasks"],
+                )
+                for qm in managers
+            )
         )
         drain_s = time.perf_counter() - started
     finally:
