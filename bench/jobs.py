@@ -519,9 +519,8 @@ def main(argv: list[str] | None = None) -> int:
                 elif "jobs_per_s" in record:
                     say(f"[round {rnd}] {what}: {record['jobs_per_s']:,.0f} jobs/s")
                 else:
-                    say(
-                        f"[round {rnd}] {what}: p50 {statistics.median(record['latencies_ms']):.1f} ms"
-                    )
+                    p50 = statistics.median(record["latencies_ms"])
+                    say(f"[round {rnd}] {what}: p50 {p50:.1f} ms")
         summary = summarise(scenario, trials)
         meta = {
             "scenario": scenario,
