@@ -14,12 +14,12 @@ from typing import Any
 import anyio
 import asyncpg
 import pytest
-from helpers import wait_for
+import surface_jobs as sj
 
 import batchloop as bl
 import batchloop.jobs as jobs
 
-import surface_jobs as sj
+from helpers import wait_for
 
 pytestmark = pytest.mark.anyio
 TESTS = Path(__file__).resolve().parent

@@ -9,11 +9,10 @@ from typing import Any
 
 import asyncpg
 import pytest
+import surface_jobs as sj
 from web_support import browser_missing, browser_page, web_server
 
 import batchloop.jobs as jobs
-
-import surface_jobs as sj
 
 pytest.importorskip("starlette", reason="the 'web' extra (starlette) is not installed")
 pytest.importorskip("httpx", reason="starlette's TestClient needs httpx")
