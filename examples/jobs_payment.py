@@ -3,7 +3,7 @@
     pip install 'batchloop[web]' fastapi
     BATCHLOOP_DSN=postgresql://user@localhost/mydb uvicorn --app-dir examples jobs_payment:app
 
-    curl -X POST localhost:8000/orders -H 'content-type: application/json' \
+    curl -X POST localhost:8000/orders -H 'content-type: application/json' \\
          -d '{"amount_cents": 1250}'
     curl -X POST localhost:8000/orders/1/pay          # twice if you like: one job, one charge
     curl localhost:8000/orders/1                      # {"status": "paid", "charge_id": ...}
