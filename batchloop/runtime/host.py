@@ -22,7 +22,9 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from contextlib import AbstractAsyncContextManager
+from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, Literal
 
@@ -57,6 +59,14 @@ log = logging.getLogger("batchloop")
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
+
+_running: ContextVar[Host | None] = ContextVar("batchloop_host", default=None)
+
+
+def current_host() -> Host | None:
+    """The Host whose task runs the caller (its loops' work queries and workers), if any:
+    what batchloop.jobs starts handlers on once a lease commits."""
+    return _running.get()
 
 
 class Host:
@@ -152,6 +162,7 @@ class Host:
             dropped_wakeups=self._wakeups.take_dropped,
         )
         self._sessions: Sessions | None = None
+        self._close_hooks: list[Callable[[float], Awaitable[None]]] = []
 
     # ------------------------------------------------------------------ public surface
 
@@ -260,6 +271,11 @@ class Host:
             with anyio.CancelScope(shield=True):
                 released = [encode("r", name) for name in self._claims.loops]
                 await self._claims.drain(self.shutdown_grace)
+                for hook in self._close_hooks:
+                    try:
+                        await hook(self.shutdown_grace)
+                    except Exception:
+                        log.exception("host %s: a close hook failed", self.host_id)
                 if self._tg is not None:
                     self._tg.cancel_scope.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -305,6 +321,7 @@ class Host:
     async def _run(self, ready: asyncio.Future[None]) -> None:
         # The host's own task (its loops inherit it): their log records name this host.
         observe_logs.enter(host=self.host_id)
+        _running.set(self)
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -319,6 +336,24 @@ class Host:
                 log.critical("host %s crashed", self.host_id, exc_info=exc)
         finally:
             self._tg = None
+
+    def lend(self) -> AbstractAsyncContextManager[Any]:
+        """A pool connection for work beside the loops (batchloop.jobs' completions)."""
+        if self._pool is None:
+            raise BatchloopError("the Host is not running: use `async with Host(...) as host`")
+        return self._pool.acquire()  # type: ignore[no-any-return]
+
+    def poke(self, name: str) -> bool:
+        """Cut short the sleep of this host's loop for ``name`` (no I/O); False if none here."""
+        loop = self._claims.loops.get(name)
+        if loop is not None:
+            loop.wake()
+        return loop is not None
+
+    def on_close(self, hook: Callable[[float], Awaitable[None]]) -> None:
+        """Await ``hook(shutdown_grace)`` on exit, once the loops are drained and before the
+        pool closes (batchloop.jobs waits there for its handlers)."""
+        self._close_hooks.append(hook)
 
     # ------------------------------------------------------------------ supervision
 

@@ -14,13 +14,19 @@ from ..schema_name import DEFAULT_SCHEMA, quote_schema
 
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 _PARAM = re.compile(r"\$(\d+)")
+QUERY_FILES = ("queries.sql", "jobs.sql")
+"""The named queries: the loop's, and batchloop.jobs' (one namespace: names do not repeat)."""
 
 
 @cache
 def _raw() -> dict[str, str]:
-    text = files(__package__).joinpath("queries.sql").read_text(encoding="utf-8")
-    parts = _NAME.split(text)
-    return {name: _code(body) for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+    found: dict[str, str] = {}
+    for file in QUERY_FILES:
+        parts = _NAME.split(files(__package__).joinpath(file).read_text(encoding="utf-8"))
+        found.update(
+            (name, _code(body)) for name, body in zip(parts[1::2], parts[2::2], strict=True)
+        )
+    return found
 
 
 def _code(body: str) -> str:

@@ -1,0 +1,24 @@
+"""A host process running the job types of tests/jobs_core.py: ``python jobs_proc.py DSN``.
+
+Prints ``ready <host_id>`` once the host runs, then serves until killed. JOBS_BLOCK=1 makes
+``t.sticky`` handlers block for ever (to kill the process mid-job).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import batchloop as bl
+
+
+async def main(dsn: str) -> None:
+    async with bl.Host(dsn, modules=["jobs_core"]) as host:
+        print("ready", host.host_id, flush=True)
+        await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    asyncio.run(main(sys.argv[1]))

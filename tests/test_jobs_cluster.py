@@ -1,0 +1,135 @@
+"""batchloop.jobs across hosts: the concurrency limit holds cluster-wide (one loop per queue),
+and a host SIGKILLed mid-job has its job run again elsewhere once the lease expires."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import jobs_core
+import pytest
+
+import batchloop as bl
+import batchloop.jobs as jobs
+
+from helpers import wait_for
+
+pytestmark = pytest.mark.anyio
+HERE = Path(__file__).parent
+
+
+@pytest.fixture
+async def conn(migrated_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    c = await asyncpg.connect(migrated_dsn)
+    await c.execute(
+        "CREATE TABLE completions (job_id bigint NOT NULL, status text NOT NULL,"
+        " at timestamptz NOT NULL DEFAULT clock_timestamp())"
+    )
+    jobs_core.STARTED.clear()
+    jobs_core.COMPLETED.clear()
+    jobs_core.RUNNING.update(now=0, max=0)
+    jobs_core.HOSTS.clear()
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+async def test_the_concurrency_limit_holds_across_two_hosts(
+    conn: asyncpg.Connection, migrated_dsn: str
+) -> None:
+    items = [jobs_core.Item(n=n, sleep=0.15) for n in range(18)]
+    ids = await jobs_core.limited.dispatch_many(conn, items)
+    live: list[int] = []
+
+    async def sample() -> None:
+        while True:
+            live.append(
+                await conn.fetchval(
+                    "SELECT count(*) FROM batchloop.jobs WHERE queue = 'limited'"
+                    " AND status = 'running' AND lease_until > now()"
+                )
+            )
+            await asyncio.sleep(0.01)
+
+    hosts = [bl.Host(migrated_dsn, modules=["jobs_core"]) for _ in range(2)]
+    for host in hosts:
+        await host.__aenter__()
+    sampler = asyncio.ensure_future(sample())
+    try:
+        name = jobs.queue_name("limited")
+        await wait_for(lambda: any(name in h.owned() for h in hosts))
+        await wait_for(lambda: len(jobs_core.HOSTS) >= 4)
+        # The owner leaves while its handlers run; the other host takes the queue over and
+        # must count their leases, which still hold slots.
+        first = next(h for h in hosts if name in h.owned())
+        second = next(h for h in hosts if h is not first)
+        leaving = asyncio.ensure_future(first.__aexit__(None, None, None))
+        await wait_for(lambda: name in second.owned())
+        await leaving
+        hosts.remove(first)
+        done = await wait_for(
+            lambda: conn.fetchval(
+                "SELECT count(*) FROM batchloop.jobs WHERE status = 'completed' AND id = ANY($1)",
+                ids,
+            ),
+            expect=len(ids),
+            timeout=30,
+        )
+        assert done == len(ids)
+    finally:
+        sampler.cancel()
+        for host in hosts:
+            await host.__aexit__(None, None, None)
+    assert jobs_core.RUNNING["max"] == 3  # reached, never exceeded
+    assert max(live) <= 3
+    assert {h for h in jobs_core.HOSTS} == {first.host_id, second.host_id}
+    assert await conn.fetchval("SELECT count(*) FROM completions") == len(ids)
+
+
+def _spawn_blocking_host(dsn: str) -> subprocess.Popen[str]:
+    """A host process (tests/jobs_proc.py) whose ``t.sticky`` handlers never return."""
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "jobs_proc.py"), dsn],
+        cwd=HERE,
+        env={**os.environ, "JOBS_BLOCK": "1", "PYTHONPATH": str(HERE)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("ready"), f"host process failed to start: {line!r}"
+    return proc
+
+
+async def test_a_job_whose_host_is_killed_runs_again_elsewhere(
+    conn: asyncpg.Connection, migrated_dsn: str
+) -> None:
+    proc = _spawn_blocking_host(migrated_dsn)
+    try:
+        job_id = await jobs_core.sticky.dispatch(conn, jobs_core.Item(n=1))
+        await wait_for(lambda: jobs.get(conn, job_id), expect=lambda r: r and r.progress == 10)
+        proc.kill()
+        proc.wait(10)
+        run = await jobs.get(conn, job_id)
+        assert run is not None and (run.status, run.attempts) == ("running", 1)
+        async with bl.Host(migrated_dsn, modules=["jobs_core"]):
+            await wait_for(
+                lambda: jobs.get(conn, job_id),
+                expect=lambda r: r and r.status == "completed",
+                timeout=15,
+            )
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    run = await jobs.get(conn, job_id)
+    assert run is not None and run.attempts == 2
+    assert run.result == {"n": 1, "pid": os.getpid()}
+    rows = await conn.fetch("SELECT job_id, status FROM completions")
+    assert [tuple(r) for r in rows] == [(job_id, "completed")]  # on_complete exactly once
