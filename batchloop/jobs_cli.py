@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import json
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -18,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 from .display import _clip, _table, printable, relative
 from .errors import BatchloopError
-from .schema_name import DEFAULT_SCHEMA
 
 if TYPE_CHECKING:
     from .jobs import JobRun
@@ -94,22 +92,6 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return asyncio.run(_main(args))
 
 
-def _kw(fn: Callable[..., Any], schema: str) -> dict[str, Any]:
-    """``schema=`` for the jobs functions that take it: the CLI's ``--schema`` reaches every
-    call that accepts it and is no error for one that does not (default schema only)."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):  # pragma: no cover - builtins
-        return {}
-    if "schema" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return {"schema": schema}
-    if schema != DEFAULT_SCHEMA:
-        raise JobsCommandError(
-            f"this batchloop.jobs has no schema option; --schema {schema!r} is not supported"
-        )
-    return {}
-
-
 async def _main(args: argparse.Namespace) -> int:
     from . import jobs
     from .connect import connect
@@ -124,40 +106,60 @@ async def _main(args: argparse.Namespace) -> int:
                 type=args.type,
                 status=args.status,
                 limit=args.limit,
-                **_kw(jobs.list_jobs, args.schema),
+                schema=args.schema,
             )
             print(_render_list(found, args.json))
             return 0
-        run = await jobs.get(conn, args.id, **_kw(jobs.get, args.schema))
+        run = await jobs.get(conn, args.id, schema=args.schema)
         if run is None:
             raise JobsCommandError(f"no job with id {args.id} in schema {args.schema!r}")
         if command == "show":
             print(run.model_dump_json(indent=2) if args.json else format_job(run))
             return 0
         if command == "cancel":
-            if not await jobs.cancel(conn, args.id, **_kw(jobs.cancel, args.schema)):
-                now = await jobs.get(conn, args.id, **_kw(jobs.get, args.schema))
+            if not await jobs.cancel(conn, args.id, schema=args.schema):
+                now = await jobs.get(conn, args.id, schema=args.schema)
                 status = now.status if now is not None else "deleted"
                 raise JobsCommandError(f"job {args.id} is already {status}: nothing to cancel")
-            now = await jobs.get(conn, args.id, **_kw(jobs.get, args.schema))
-            state = now.status if now is not None else "?"
-            note = " (its handler sees ctx.cancelled())" if state == "running" else ""
-            print(f"canceled job {args.id} (status: {state}){note}")
+            now = await jobs.get(conn, args.id, schema=args.schema)
+            print(_cancel_line(args.id, now))
             return 0
         if command == "retry":
-            if not await jobs.retry(conn, args.id, **_kw(jobs.retry, args.schema)):
-                now = await jobs.get(conn, args.id, **_kw(jobs.get, args.schema))
+            if not await jobs.retry(conn, args.id, schema=args.schema):
+                now = await jobs.get(conn, args.id, schema=args.schema)
                 status = now.status if now is not None else "deleted"
                 raise JobsCommandError(
                     f"job {args.id} is {status}: only a failed or canceled job can be retried"
                 )
-            now = await jobs.get(conn, args.id, **_kw(jobs.get, args.schema))
+            now = await jobs.get(conn, args.id, schema=args.schema)
             state = now.status if now is not None else "?"
             print(f"retrying job {args.id} (status: {state})")
             return 0
         raise AssertionError(f"unknown jobs command {command!r}")  # pragma: no cover
     finally:
         await conn.close()
+
+
+def _cancel_line(job_id: int, now: JobRun | None) -> str:
+    if now is None or now.status == "canceled":
+        return f"canceled job {job_id} (status: canceled)"
+    if now.status == "running":
+        return (
+            f"cancel requested for job {job_id} (status: running): its handler sees "
+            "ctx.cancelled(), and the job ends canceled"
+        )
+    # A pending job whose type has an on_complete this process cannot call: the queue's loop
+    # records the cancel (and calls it); the job never runs meanwhile.
+    return (
+        f"cancel requested for job {job_id} (status: {now.status}): it will not run; its "
+        "queue's loop records it as canceled"
+    )
+
+
+def _status(run: JobRun) -> str:
+    if run.cancel_requested and run.status in ("pending", "running"):
+        return f"{run.status} (cancel requested)"
+    return run.status
 
 
 def _render_list(found: Sequence[JobRun], as_json: bool) -> str:
@@ -186,7 +188,7 @@ def format_jobs_table(found: Sequence[JobRun], now: datetime | None = None) -> s
                 str(r.id),
                 _clip(printable(r.type), 30),
                 _clip(printable(r.queue), 30),
-                r.status,
+                _status(r),
                 _attempts(r),
                 f"{r.progress}%",
                 relative(r.created_at, now),
@@ -213,7 +215,7 @@ def format_job(run: JobRun, now: datetime | None = None) -> str:
         ("id", str(run.id)),
         ("type", printable(run.type)),
         ("queue", printable(run.queue)),
-        ("status", run.status),
+        ("status", _status(run)),
         ("progress", f"{run.progress}%"),
         ("attempts", _attempts(run)),
         ("key", printable(run.key) if run.key is not None else "-"),

@@ -50,3 +50,16 @@ async def hold(ctx: jobs.JobContext, payload: Number) -> dict[str, int]:
             return {"stopped_at": 10}
         await asyncio.sleep(0.02)
     return {"n": payload.n}
+
+
+COMPLETED: list[tuple[int, str]] = []
+"""(job id, final status) as on_complete saw them, in this process."""
+
+
+async def note_outcome(conn: object, run: jobs.JobRun) -> None:
+    COMPLETED.append((run.id, run.status))
+
+
+@jobs.job("surf.tracked", queue=QUEUE, on_complete=note_outcome)
+async def tracked(ctx: jobs.JobContext, payload: Number) -> None:
+    return None

@@ -153,6 +153,25 @@ async def test_cancel_and_retry(migrated_dsn: str) -> None:
     assert await status_of(migrated_dsn, ids["ann"]) == "pending"  # the others untouched
 
 
+async def test_cancel_of_a_job_whose_on_complete_only_a_host_can_call(migrated_dsn: str) -> None:
+    """The CLI imports no job module, so it cannot call on_complete: it flags the cancel, the
+    job never runs, and the queue's loop records it (calling on_complete once)."""
+    conn = await asyncpg.connect(migrated_dsn)
+    try:
+        async with conn.transaction():
+            job_id = await sj.tracked.dispatch(conn, sj.Number(n=1), delay=3600.0)
+        proc = await cli("jobs", "cancel", str(job_id), dsn_env(migrated_dsn))
+        assert proc.returncode == 0, proc.stderr
+        assert "cancel requested" in proc.stdout and "will not run" in proc.stdout
+        proc = await cli("jobs", "show", str(job_id), dsn_env(migrated_dsn))
+        assert "pending (cancel requested)" in proc.stdout
+        async with bl.Host(migrated_dsn, modules=["surface_jobs"]):
+            await wait_for(lambda: status_of(migrated_dsn, job_id), expect="canceled", timeout=30)
+        assert sj.COMPLETED.count((job_id, "canceled")) == 1
+    finally:
+        await conn.close()
+
+
 async def test_final_states_show_result_and_error(migrated_dsn: str) -> None:
     """A real host runs the jobs; the CLI then shows the result, and the failure's error."""
     conn = await asyncpg.connect(migrated_dsn)
