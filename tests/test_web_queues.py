@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import asyncpg
@@ -31,6 +32,12 @@ async def evil(ctx: jobs.JobContext, payload: sj.Number) -> None:
     return None
 
 
+def _run(coro: Any) -> Any:
+    """On a loop of its own in another thread: Playwright's sync API keeps one in this one."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
 def dispatch(dsn: str, *work: tuple[Any, Any]) -> list[int]:
     async def go() -> list[int]:
         conn = await asyncpg.connect(dsn)
@@ -40,7 +47,7 @@ def dispatch(dsn: str, *work: tuple[Any, Any]) -> list[int]:
         finally:
             await conn.close()
 
-    return asyncio.run(go())
+    return _run(go())
 
 
 def cancel(dsn: str, job_id: int) -> bool:
@@ -51,7 +58,7 @@ def cancel(dsn: str, job_id: int) -> bool:
         finally:
             await conn.close()
 
-    return asyncio.run(go())
+    return _run(go())
 
 
 def test_api_queues_counts_by_status(migrated_dsn: str) -> None:
