@@ -22,7 +22,8 @@ Scenarios:
     starts (its start-up, a few milliseconds, is inside the figure) and stops when a poll
     (every 10 ms, on a connection of its own) counts ``--jobs`` completed jobs.
   - ``pgqueuer``: ``bench/peers/pgqueuer_peer.py`` (as in the drain benchmark: its performance
-    guide's settings, drain mode), with ``batch_size = max_concurrent_tasks = C``.
+    guide's settings, drain mode), with ``batch_size = C`` and the entrypoint's
+    ``concurrency_limit = C``.
   - ``procrastinate``: ``bench/peers/procrastinate_peer.py`` with ``concurrency = C``
     (``delete_jobs="always"``, ``wait=False``).
 
@@ -135,7 +136,7 @@ async def trial_throughput_peer(system: str, dsn: str, n: int, concurrency: int)
     peer = import_module(PEERS[system])
     options = {
         "pgq_workers": 1,
-        "pgq_max_concurrent_tasks": concurrency,
+        "pgq_concurrency_limit": concurrency,
         "procrastinate_max_concurrency": concurrency,
     }
     result: dict[str, Any] = await peer.trial(dsn, n, concurrency, options)
