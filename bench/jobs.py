@@ -1,6 +1,6 @@
 """Jobs benchmarks: ``batchloop.jobs`` against pgqueuer and procrastinate, and against SQL.
 
-    python bench/jobs.py throughput [--jobs 20000] [--concurrency 10] [--runs 3]
+    python bench/jobs.py throughput [--jobs 10000] [--concurrency 10,100] [--runs 3]
     python bench/jobs.py dispatch [--jobs 4000] [--connections 1,8] [--runs 3]
     python bench/jobs.py latency [--samples 100] [--busy-rate 500] [--runs 1]
     python bench/jobs.py all --jobs 200 --samples 3 --runs 1 --quiet    # the smoke test's size
@@ -15,7 +15,9 @@ machine, package versions) go to ``bench/results/jobs-<scenario>-<UTC time>.json
 Scenarios:
 
 * ``throughput``: ``--jobs`` no-op jobs dispatched beforehand (timed apart: ``enqueue``), then
-  run until every one is completed, at the same ``--concurrency`` for every system:
+  run until every one is completed, at the same concurrency C for every system (each of
+  ``--concurrency``; procrastinate runs at most 20, since its pool needs C + 1 connections,
+  and at most ``--procrastinate-jobs`` jobs: it is an order of magnitude slower):
 
   - ``batchloop``: ``@jobs.job("bench.noop", queue="bench", concurrency=C)``, dispatched with
     ``dispatch_many`` in chunks of 5,000 before any host runs; the clock starts as the ``Host``
@@ -24,7 +26,7 @@ Scenarios:
   - ``pgqueuer``: ``bench/peers/pgqueuer_peer.py`` (as in the drain benchmark: its performance
     guide's settings, drain mode), with ``batch_size = C`` and the entrypoint's
     ``concurrency_limit = C``.
-  - ``procrastinate``: ``bench/peers/procrastinate_peer.py`` with ``concurrency = C``
+  - ``procrastinate``: ``bench/peers/procrastinate_peer.py`` with ``concurrency = min(C, 20)``
     (``delete_jobs="always"``, ``wait=False``).
 
   The peers delete (procrastinate) or move (pgqueuer, to its log table) finished jobs; batchloop
@@ -35,12 +37,13 @@ Scenarios:
   ($1)`` of the same JSON into a table with a bigserial key and a timestamp. No host runs, so
   the queue's loop stays ``running`` and each ``ping`` is the cheap no-op it is while a busy
   queue works (the first dispatch's wake-up is the only write).
-* ``latency``: a host in its own process runs ``bench.stamp`` (concurrency 10), whose handler
-  returns ``time.monotonic()`` as its first act; this process dispatches one job, reads the same
-  clock right after COMMIT returns and polls ``jobs.get`` until the job is completed. Latency =
-  handler start - commit (CLOCK_MONOTONIC is one clock for every process on a machine, so the
-  server, producer and host must share it: the script runs both locally). ``idle``: one job at a
-  time, each after the queue went idle (``--gap`` seconds after the previous job finished);
+* ``latency``: a host in its own process runs ``bench.stamp`` (at the first ``--concurrency``),
+  whose handler returns ``time.monotonic()`` as its first act; this process dispatches one job,
+  reads the same clock right after COMMIT returns and polls ``jobs.get`` until the job is
+  completed. Latency = handler start - commit (CLOCK_MONOTONIC is one clock for every process
+  on a machine, so the server, producer and host must share it: the script runs both locally).
+  ``idle``: one job at a time, each after the queue went idle (``--gap`` seconds after the
+  previous job finished);
   ``busy``: the same while another connection dispatches ``--busy-rate`` no-op jobs per second
   into the same queue.
 """
@@ -77,6 +80,7 @@ DISPATCH_SYSTEMS = ("insert", "dispatch")
 LATENCY_VARIANTS = ("idle", "busy")
 PEERS = {"pgqueuer": "peers.pgqueuer_peer", "procrastinate": "peers.procrastinate_peer"}
 DISPATCH_CHUNK = 5_000
+PROCRASTINATE_MAX_CONCURRENCY = 20
 POLL = 0.01
 
 
@@ -137,7 +141,7 @@ async def trial_throughput_peer(system: str, dsn: str, n: int, concurrency: int)
     options = {
         "pgq_workers": 1,
         "pgq_concurrency_limit": concurrency,
-        "procrastinate_max_concurrency": concurrency,
+        "procrastinate_max_concurrency": min(concurrency, PROCRASTINATE_MAX_CONCURRENCY),
     }
     result: dict[str, Any] = await peer.trial(dsn, n, concurrency, options)
     result["run_s"] = result.pop("drain_s")
@@ -313,7 +317,8 @@ def run_one(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
     asyncio.run(drain.admin(args.dsn, f'CREATE DATABASE "{dbname}"'))
     spec = {**spec, "dsn": drain.database_url(args.dsn, dbname)}
     record: dict[str, Any] = {k: v for k, v in spec.items() if k != "dsn"}
-    env = {**os.environ, "BENCH_JOBS_CONCURRENCY": str(args.concurrency)}
+    concurrency = spec.get("concurrency", args.concurrency_list[0])
+    env = {**os.environ, "BENCH_JOBS_CONCURRENCY": str(concurrency)}
     try:
         proc = subprocess.run(
             [sys.executable, SCRIPT, "--trial", json.dumps(spec)],
@@ -349,7 +354,15 @@ def specs(args: argparse.Namespace, scenario: str) -> list[dict[str, Any]]:
     """One round's trials, in the order they alternate."""
     if scenario == "throughput":
         return [
-            {"scenario": scenario, "system": s, "jobs": args.jobs, "concurrency": args.concurrency}
+            {
+                "scenario": scenario,
+                "system": s,
+                "jobs": min(args.jobs, args.procrastinate_jobs)
+                if s == "procrastinate"
+                else args.jobs,
+                "concurrency": c,
+            }
+            for c in args.concurrency_list
             for s in args.system_list
         ]
     if scenario == "dispatch":
@@ -378,18 +391,20 @@ def pct(values: list[float], q: float) -> float:
 def summarise(scenario: str, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for t in trials:
-        key = (t["system"], t.get("connections"))
+        # The group: connections (dispatch) or concurrency (throughput), whichever applies.
+        key = (t["system"], t.get("connections") or t.get("concurrency"))
         groups.setdefault(key, []).append(t)
     out = []
-    for (system, connections), group in groups.items():
+    side = {"dispatch": "connections", "throughput": "concurrency"}.get(scenario)
+    for (system, group_by), group in groups.items():
         ok = [t for t in group if "error" not in t]
         entry: dict[str, Any] = {
             "system": system,
             "runs": len(ok),
             "errors": len(group) - len(ok),
         }
-        if connections is not None:
-            entry["connections"] = connections
+        if side is not None:
+            entry[side] = group_by
         if scenario == "latency":
             values = [x for t in ok for x in t["latencies_ms"]]
             if values:
@@ -411,9 +426,10 @@ def summarise(scenario: str, trials: list[dict[str, Any]]) -> list[dict[str, Any
     # Ratios of medians: throughput to pgqueuer (the issue's yardstick), dispatch to INSERT.
     base_of = {"throughput": "pgqueuer", "dispatch": "insert"}.get(scenario)
     if base_of is not None:
-        medians = {(e["system"], e.get("connections")): e.get("median") for e in out}
+        assert side is not None
+        medians = {(e["system"], e[side]): e.get("median") for e in out}
         for e in out:
-            base = medians.get((base_of, e.get("connections")))
+            base = medians.get((base_of, e[side]))
             if base and "median" in e:
                 e["baseline"], e["ratio"] = base_of, e["median"] / base
     return out
@@ -441,13 +457,12 @@ def markdown(scenario: str, summary: list[dict[str, Any]]) -> str:
                 f"| {e['p99_ms']:.1f} | {e['max_ms']:.1f} |"
             )
         return "\n".join(lines) + "\n"
-    first = "connections | " if scenario == "dispatch" else ""
-    sep = "--:|" if scenario == "dispatch" else ""
-    lines.append(f"| {first}system | runs | median jobs/s | min | max | ratio | enqueue jobs/s |")
-    lines.append(f"|{sep}---|--:|--:|--:|--:|--:|--:|")
+    side = "connections" if scenario == "dispatch" else "concurrency"
+    lines.append(f"| {side} | system | runs | median jobs/s | min | max | ratio | enqueue jobs/s |")
+    lines.append("|--:|---|--:|--:|--:|--:|--:|--:|")
     for e in summary:
         ratio = f"{e['ratio']:.2f}x {e['baseline']}" if "ratio" in e else "-"
-        conn = f"{e['connections']} | " if scenario == "dispatch" else ""
+        conn = f"{e[side]} | "
         lines.append(
             f"| {conn}{e['system']} | {runs(e)} | {rate(e.get('median'))} | {rate(e.get('min'))} "
             f"| {rate(e.get('max'))} | {ratio} | {rate(e.get('enqueue_median'))} |"
@@ -459,9 +474,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("scenario", nargs="?", choices=(*SCENARIOS, "all"), default="all")
     p.add_argument("--dsn", default=os.environ.get("DATABASE_URL"))
-    p.add_argument("--jobs", type=int, default=20_000, help="throughput: jobs per trial")
+    p.add_argument("--jobs", type=int, default=10_000, help="throughput: jobs per trial")
     p.add_argument("--dispatch-jobs", type=int, default=None, help="dispatch: default --jobs/5")
-    p.add_argument("--concurrency", type=int, default=10, help="for every system (default 10)")
+    p.add_argument(
+        "--concurrency", default="10,100", help="throughput: each for every system (10,100)"
+    )
+    p.add_argument("--procrastinate-jobs", type=int, default=5_000, help="its cap (5000)")
     p.add_argument("--systems", default=",".join(THROUGHPUT_SYSTEMS))
     p.add_argument("--connections", default="1,8", help="dispatch: producer connections")
     p.add_argument("--samples", type=int, default=100, help="latency: samples per variant")
@@ -482,6 +500,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown or not args.system_list:
         raise SystemExit(f"unknown systems {sorted(unknown)}; choose from {THROUGHPUT_SYSTEMS}")
     args.connection_list = [int(c) for c in args.connections.split(",") if c]
+    args.concurrency_list = [int(c) for c in args.concurrency.split(",") if c]
     if args.dispatch_jobs is None:
         args.dispatch_jobs = max(max(args.connection_list), args.jobs // 5)
     return args
@@ -530,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python bench/jobs.py "
             + " ".join(argv if argv is not None else sys.argv[1:]),
             "runs": args.runs,
-            "concurrency": args.concurrency,
+            "concurrency": args.concurrency_list,
             "machine": machine,
         }
         path = out_dir / f"jobs-{scenario}-{started:%Y%m%d-%H%M%S}.json"

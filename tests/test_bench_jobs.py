@@ -29,7 +29,7 @@ def test_every_scenario_runs_tiny(pg_admin_dsn: str, tmp_path: Path) -> None:
             "all",
             *("--dsn", pg_admin_dsn, "--jobs", "200", "--dispatch-jobs", "40"),
             *("--samples", "3", "--gap", "0.2", "--busy-rate", "100", "--runs", "1"),
-            *("--concurrency", "4", "--systems", ",".join(["batchloop", *PEERS])),
+            *("--concurrency", "2,4", "--systems", ",".join(["batchloop", *PEERS])),
             *("--json", str(tmp_path), "--quiet"),
         ],
         capture_output=True,
@@ -44,13 +44,17 @@ def test_every_scenario_runs_tiny(pg_admin_dsn: str, tmp_path: Path) -> None:
     assert set(results) == {"throughput", "dispatch", "latency"}
 
     throughput = results["throughput"]["trials"]
-    assert sorted(t["system"] for t in throughput) == sorted(["batchloop", *PEERS])
+    assert sorted((t["system"], t["concurrency"]) for t in throughput) == sorted(
+        (s, c) for s in ("batchloop", *PEERS) for c in (2, 4)
+    )
     for t in throughput:
         assert "error" not in t, t
         assert t["jobs_per_s"] > 0 and t["remaining"] == 0
-    ratios = {e["system"]: e.get("ratio") for e in results["throughput"]["summary"]}
+    ratios = {
+        (e["system"], e["concurrency"]): e.get("ratio") for e in results["throughput"]["summary"]
+    }
     if "pgqueuer" in PEERS:
-        assert ratios["pgqueuer"] == pytest.approx(1.0) and ratios["batchloop"] is not None
+        assert ratios["pgqueuer", 4] == pytest.approx(1.0) and ratios["batchloop", 4] is not None
 
     dispatch = results["dispatch"]["trials"]
     assert {(t["system"], t["connections"]) for t in dispatch} == {
