@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 STATUSES = ("pending", "running", "completed", "failed", "canceled")
 FINAL = ("completed", "failed", "canceled")
 CONNECT_TIMEOUT = 10.0
+MAX_ID = 2**63 - 1
 
 
 class JobsCommandError(BatchloopError):
@@ -35,8 +36,8 @@ def _job_id(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"a job id is a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"a job id is 1 or more: {text!r}")
+    if not 1 <= value <= MAX_ID:
+        raise argparse.ArgumentTypeError(f"a job id is 1 or more (a bigint): {text!r}")
     return value
 
 

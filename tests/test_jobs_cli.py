@@ -214,6 +214,7 @@ async def test_bad_input_is_one_line(migrated_dsn: str) -> None:
     one_error(await cli("jobs", "retry", "999999", dsn_env(migrated_dsn)), 1, "no job with id")
     one_error(await cli("jobs", "show", "abc", dsn_env(migrated_dsn)), 2, "whole number")
     one_error(await cli("jobs", "cancel", "0", dsn_env(migrated_dsn)), 2, "1 or more")
+    one_error(await cli("jobs", "show", str(2**63), dsn_env(migrated_dsn)), 2, "bigint")
     one_error(await cli("jobs", "list", "--status", "done", dsn_env(migrated_dsn)), 2, "--status")
     one_error(await cli("jobs", "list", "--limit", "0", dsn_env(migrated_dsn)), 2, "at least 1")
     one_error(await cli("jobs", dsn_env(migrated_dsn)), 2)
@@ -224,4 +225,4 @@ async def test_bad_input_is_one_line(migrated_dsn: str) -> None:
 
 
 async def test_unmigrated_database_is_one_line(dsn: str) -> None:
-    one_error(await cli("jobs", "list", dsn_env(dsn)), 1)
+    one_error(await cli("jobs", "list", dsn_env(dsn)), 1, "batchloop migrate")
