@@ -3,6 +3,7 @@
 See README.md for usage and :mod:`batchloop.protocol` for how it works.
 """
 
+from . import cursor
 from ._version import __version__
 from .api import list_hosts, list_workers, migrate, ping, start, status, stop, wake
 from .errors import (
@@ -44,6 +45,7 @@ __all__ = [
     "Work",
     "WorkerStatus",
     "__version__",
+    "cursor",
     "list_hosts",
     "list_workers",
     "migrate",

@@ -7,8 +7,9 @@ import logging
 import os
 import socket
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -92,10 +93,52 @@ async def _init(conn: asyncpg.Connection) -> None:
     remember_server(conn, await conn.fetchval(SERVER_ID))
 
 
+_ALREADY_RESET: weakref.WeakSet[Any] = weakref.WeakSet()
+"""Connections whose reset went with their last COMMIT (:class:`ResetWithCommit`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResetWithCommit:
+    """A pool's reset-on-release, sent instead with the COMMIT of a loop's last iteration
+    before the loop gives the connection back (it will sleep): the release then skips it.
+
+    A cooling loop polls through the pool, and the reset was one round trip of the four each
+    poll cost (and two of a name's statements). It is the same text the pool would send, run
+    just before COMMIT in the same message (RESET ALL leaves the transaction's own settings
+    alone); a transaction that does not commit leaves the connection unmarked, so the pool
+    resets it as always."""
+
+    text: Callable[[Any], str]
+    """The reset statements for a connection the loop holds (a pool proxy for asyncpg)."""
+
+    def done(self, conn: Any) -> None:
+        """``conn`` (the pool's own connection object) was reset with its COMMIT."""
+        _ALREADY_RESET.add(conn)
+
+    def undone(self, conn: Any) -> None:
+        """``conn`` is used again before going back: its release must reset it."""
+        _ALREADY_RESET.discard(conn)
+
+
+def _already_reset(conn: Any) -> bool:
+    if conn in _ALREADY_RESET:
+        _ALREADY_RESET.discard(conn)
+        return True
+    return False
+
+
+def _asyncpg_reset_text(conn: Any) -> str:
+    return f"{conn.get_reset_query()} {SERVER_KEEPALIVE}"
+
+
+ASYNCPG_RESET = ResetWithCommit(_asyncpg_reset_text)
+
+
 async def _reset(conn: asyncpg.Connection) -> None:
     """asyncpg's reset on release (RESET ALL and friends), keeping our keepalive settings:
-    still one round trip."""
-    await conn.execute(f"{conn.get_reset_query()}; {SERVER_KEEPALIVE}")
+    still one round trip (none when it went with the loop's COMMIT)."""
+    if not _already_reset(conn):
+        await conn.execute(_asyncpg_reset_text(conn))
 
 
 def _clear(exc: BaseException, dsn: str | None) -> ConnectError:
@@ -281,6 +324,7 @@ async def create_pool(
 
 
 _RESET = f"{sql.session_script('reset_session')}; {SERVER_KEEPALIVE}"
+PSYCOPG_RESET = ResetWithCommit(lambda conn: _RESET)
 
 
 _LIBPQ_SAME = ("user", "password", "host", "port", "passfile")
@@ -342,7 +386,8 @@ async def create_psycopg_pool(
         remember_server(conn, str(row[0]) if row else None)
 
     async def reset(conn: psycopg.AsyncConnection[Any]) -> None:
-        await conn.execute(_RESET.encode())
+        if not _already_reset(conn):
+            await conn.execute(_RESET.encode())
 
     pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
         dsn or "",

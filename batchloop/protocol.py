@@ -131,12 +131,35 @@ return the stale status; retry the transaction as for any serialization failure.
 -> ``ping`` in ``migrations/`` (the shared lock and the re-read) and the go-idle step in
 :mod:`batchloop.runtime.iteration`.
 
+Warm wake-ups
+-------------
+A loop that found no work polls until its cooldown ends, and a ping on it changes no status.
+So that such a ping is not left for the next poll, ``worker_state.cooling`` says whether the
+loop's last committed iteration found no work: ``unbook_batch`` (sent with that iteration's
+``COMMIT``) sets it and ``book_batch`` (every iteration's first statement) clears it, so it
+costs no statement of its own. ``ping`` reads it in the statement it already runs; when the
+worker is running and cooling it NOTIFYs ``c::<name>``, and only the owner acts on it: it runs
+the loop at once if the loop sleeps until its next poll, or, if an iteration is in flight (its
+query may have taken its snapshot before the ping committed), right after that iteration
+instead of sleeping. A debounce, a failure backoff or a waiting deadline is never cut short.
+
+A draining loop's last committed iteration processed a batch, so a ping on it still writes,
+locks and sends nothing; pings during the first batch after a cooldown read the cooling flag of
+the poll before it and NOTIFY, once each. Correctness does not depend on any of this: the
+cooldown polls and the go-idle step above are unchanged, so a ping that reads ``cooling`` false
+just before the loop's poll commits true (the one window: its read precedes that commit and its
+own commit follows the poll's query) is picked up by the next poll, as before.
+
+-> ``ping`` in ``migrations/0006_warm_wake.sql``, ``book_batch``/``unbook_batch`` in
+``batchloop/sql/queries.sql``, the receiving side in :mod:`batchloop.runtime.wakeups` and
+:meth:`batchloop.runtime.loop.NameLoop.work_arrived`.
+
 Notifications and their loss
 ----------------------------
-Wake-ups travel as ``NOTIFY batchloop:<schema>`` with payload ``w|s|r:<lock_key>:<name>``
-(wake, stop, released). Receivers use only the kind and the name (a name may contain ``:``);
-hosts send their own ``r:`` goodbyes with the key left empty. Hosts ``LISTEN`` on their control
-connection. A notification can be
+Wake-ups travel as ``NOTIFY batchloop:<schema>`` with payload ``w|s|r|c:<lock_key>:<name>``
+(wake, stop, released, cooling; the key may be empty). Receivers use only the kind and the name
+(a name may contain ``:``); hosts send their own ``r:`` goodbyes with the key left empty. Hosts
+``LISTEN`` on their control connection. A notification can be
 missed (connection lost, host starting), so nothing depends on it for correctness:
 
 * after every (re)connection a host runs the monitor query at once;

@@ -74,10 +74,14 @@ def _session(conn: psycopg.Connection[Any], schema: str) -> SyncPsycopgSession:
     import psycopg
 
     from .drivers.psycopg import SyncPsycopgSession
+    from .drivers.sqlalchemy import is_sqlalchemy, sync_driver_connection
 
+    if is_sqlalchemy(conn):
+        conn = sync_driver_connection(conn)
     if not isinstance(conn, psycopg.Connection):
         raise TypeError(
-            f"conn must be a psycopg (sync) Connection, got {type(conn).__name__} "
+            f"conn must be a psycopg (sync) Connection, or a SQLAlchemy Connection or Session "
+            f"on postgresql+psycopg, got {type(conn).__name__} "
             "(for asyncpg or a psycopg AsyncConnection use the async batchloop API)"
         )
     return SyncPsycopgSession(conn, check_schema(schema))

@@ -38,9 +38,11 @@ Systems:
   production (keep it in a table, written in the batch's transaction).
 * ``batchloop-observed``: ``batchloop`` with every observer on: ``batchloop.observe.metrics.
   Metrics`` registered and an OpenTelemetry SDK tracer provider (``BatchSpanProcessor`` into an
-  in-memory exporter), so each iteration makes three spans. Its ratio is to ``batchloop`` (the
-  same run): the cost of metrics and tracing. Not in the default systems; e.g.
-  ``python bench/drain.py --systems batchloop,batchloop-observed --batches 100 --runs 7``.
+  in-memory exporter), so each iteration makes one span. Its ratio is to ``batchloop`` (the
+  same run): the cost of metrics and tracing. ``batchloop-observed-callables`` adds the work
+  query's and the worker's spans (``tracing.use(provider, callables=True)``): three spans an
+  iteration. Not in the default systems; e.g. ``python bench/drain.py --systems
+  batchloop,batchloop-observed,batchloop-observed-callables --batches 100 --runs 7``.
 * ``pgqueuer``, ``procrastinate``: N no-op jobs drained by the queue's own worker, tuned per its
   documentation for throughput; see ``bench/peers/`` for exactly how, and the JSON for the
   settings of each trial.
@@ -90,15 +92,17 @@ SYSTEMS = (
     "batchloop-cursor",
     "batchloop-psycopg",
     "batchloop-observed",
+    "batchloop-observed-callables",
     "pgqueuer",
     "procrastinate",
 )
 PEERS = {"pgqueuer": "peers.pgqueuer_peer", "procrastinate": "peers.procrastinate_peer"}
-DEFAULT_SYSTEMS = tuple(s for s in SYSTEMS if s != "batchloop-observed")
+DEFAULT_SYSTEMS = tuple(s for s in SYSTEMS if not s.startswith("batchloop-observed"))
 BASELINE = {
     "raw-cursor": "raw",
     "batchloop-cursor": "raw-cursor",
     "batchloop-observed": "batchloop",
+    "batchloop-observed-callables": "batchloop",
 }
 """The baseline each system's median is divided by (default: ``raw``)."""
 
@@ -251,9 +255,10 @@ async def drain_worker_psycopg(conn: Any, batch: list[int]) -> None:
     await conn.execute(PG_DELETE, (batch,))
 
 
-def observe_everything() -> tuple[Any, Any]:
+def observe_everything(callables: bool) -> tuple[Any, Any]:
     """Metrics registered and an SDK tracer provider exporting in-process: what a service with
-    both turned on pays. Returns (metrics, span exporter)."""
+    both turned on pays (``callables``: with the work query's and worker's spans too). Returns
+    (metrics, (provider, span exporter))."""
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -267,20 +272,25 @@ def observe_everything() -> tuple[Any, Any]:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(BatchSpanProcessor(exporter))
-    tracing.use(provider)
+    tracing.use(provider, callables=callables)
     return metrics, (provider, exporter)
 
 
 async def trial_batchloop(dsn: str, rows: int, batch: int, variant: str) -> dict[str, Any]:
     await fill_items(dsn, rows)
     await bl.migrate(dsn)
-    observed = observe_everything() if variant == "observed" else None
+    observed = (
+        observe_everything(variant == "observed-callables")
+        if variant.startswith("observed")
+        else None
+    )
     STATE.batch, STATE.last, STATE.done = batch, 0, asyncio.Event()
     query, worker = {
         "": (drain_query, drain_worker),
         "cursor": (drain_query_cursor, drain_worker),
         "psycopg": (drain_query_psycopg, drain_worker_psycopg),
         "observed": (drain_query, drain_worker),
+        "observed-callables": (drain_query, drain_worker),
     }[variant]
     driver = "psycopg" if variant == "psycopg" else "asyncpg"
     async with bl.Host(dsn, driver=driver):
@@ -306,7 +316,8 @@ async def trial_batchloop(dsn: str, rows: int, batch: int, variant: str) -> dict
         provider.force_flush()
         spans = len(exporter.get_finished_spans())
         counted = metrics.registry.get_sample_value("batchloop_batches_total", {"name": NAME})
-        if spans < 3 * status.batches or counted != status.batches:
+        per_batch = 3 if variant == "observed-callables" else 1
+        if spans < per_batch * status.batches or counted != status.batches:
             raise RuntimeError(f"observers saw {spans} spans and {counted} batches")
         settings["observe"] = (
             f"Metrics registered ({counted:.0f} batches counted); SDK TracerProvider with "

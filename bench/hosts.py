@@ -121,6 +121,28 @@ async def ping_items(conn: Any, name: str, count: int = 1) -> tuple[int, str]:
 # ---------------------------------------------------------------------------- host process
 
 STATEMENTS = 0
+KINDS: dict[str, int] = {}
+"""Statements by what they are for (:func:`kind`), for ``many_names``' breakdown."""
+
+_KINDS = (
+    ("claim_many(", "claim or release (claim_many)"),
+    ("BEGIN", "iteration start (BEGIN + book_batch)"),
+    ("pg_try_advisory_xact_lock(wake_key)", "try_go_idle"),
+    ("status = 'idle'", "go_idle"),
+    ("status = 'waiting'", "go_waiting"),
+    ("batches = batches - 1", "poll end (unbook_batch + COMMIT)"),
+    ("COMMIT", "batch end (COMMIT)"),
+    ("DELETE FROM bench_items", "worker (user SQL)"),
+    ("bench_items", "work query (user SQL)"),
+    ("RESET ALL", "pool reset on release"),
+    ("heartbeat", "heartbeat"),
+    ("orphans", "monitor"),
+)
+
+
+def kind(text: str) -> str:
+    """Which step of batchloop's a statement belongs to (by its text)."""
+    return next((label for marker, label in _KINDS if marker in text), "other")
 
 
 class CountingConnection(asyncpg.Connection):  # type: ignore[misc]
@@ -131,9 +153,11 @@ class CountingConnection(asyncpg.Connection):  # type: ignore[misc]
         self.add_query_logger(_count)
 
 
-def _count(_record: Any) -> None:
+def _count(record: Any) -> None:
     global STATEMENTS
     STATEMENTS += 1
+    label = kind(str(getattr(record, "query", "")))
+    KINDS[label] = KINDS.get(label, 0) + 1
 
 
 class TracingConnection(asyncpg.Connection):  # type: ignore[misc]
@@ -222,7 +246,12 @@ async def _host(args: argparse.Namespace) -> None:
     async with cls(args.dsn, modules=["hosts"], **kwargs) as host:
 
         def stats() -> None:
-            line = {"pid": os.getpid(), "statements": STATEMENTS, "owned": len(host.owned())}
+            line = {
+                "pid": os.getpid(),
+                "statements": STATEMENTS,
+                "kinds": dict(KINDS),
+                "owned": len(host.owned()),
+            }
             print("stats", json.dumps(line), flush=True)
 
         loop.add_signal_handler(signal.SIGUSR1, stats)

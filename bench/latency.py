@@ -12,7 +12,9 @@ One host process serves the name ``wake``; the producer (this process) inserts o
   listener's callback), and NOTIFY plus a first work query on another connection (commit to
   that query's completion: the least any LISTEN-based loop can do).
 * ``cooling``: the loop is still cooling down (polling every ``--poll`` s, the library default
-  0.2 s); the ping finds it running and does nothing, so the next poll picks the row up.
+  0.2 s); the ping finds it running and cooling, NOTIFYs its owner (``c``), and the host runs
+  the loop at once instead of at its next poll (before migration 6 the next poll picked the
+  row up: latency uniform over ``poll_interval``).
 * ``no_notify``: the host does not LISTEN (batchloop has no switch for it; ``hosts.py`` swaps
   in a control connection whose ``listen`` is a no-op), so the wake-up reaches it only through
   the monitor query, every ``monitor_interval`` (0.5 s).

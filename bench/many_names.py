@@ -134,6 +134,10 @@ async def run(
             peak[pid] = max(peak.get(pid, 0), n)
     statements = [b["statements"] - a["statements"] for a, b in zip(stmts0, stmts1, strict=True)]
     by_pid = {str(p.pid): s for p, s in zip(procs, statements, strict=True)}
+    kinds: dict[str, int] = {}
+    for a, b in zip(stmts0, stmts1, strict=True):
+        for label, n in b.get("kinds", {}).items():
+            kinds[label] = kinds.get(label, 0) + n - a.get("kinds", {}).get(label, 0)
     return {
         "scenario": "many_names",
         "names": names,
@@ -160,6 +164,9 @@ async def run(
         ],
         "statements_total": sum(statements),
         "statements_per_name": round(sum(statements) / names, 2),
+        "statements_per_name_by_kind": {
+            label: round(n / names, 2) for label, n in sorted(kinds.items(), key=lambda kv: -kv[1])
+        },
         "timeline": samples[:: max(1, len(samples) // 200)],
         "provenance": hosts.provenance(),
     }
@@ -184,6 +191,10 @@ def markdown(summary: dict[str, Any]) -> str:
             f"| {r['host_pid']} | {r['names']} | {r['batches']} | {r['items']} | "
             f"{r['peak_names_held']} | {fmt(r['statements'])} |"
         )
+    by_kind = s.get("statements_per_name_by_kind") or {}
+    if by_kind:
+        lines += ["", "| statements per name, by step | per name |", "| --- | ---: |"]
+        lines += [f"| {label} | {n} |" for label, n in by_kind.items()]
     lines += [
         "",
         f"{s['items_processed']} of {s['names'] * s['rows_per_name']} rows processed; "

@@ -17,6 +17,7 @@ class Item(pydantic.BaseModel):
     fail_times: int = 0
     """Raise on the first this many attempts."""
     sleep: float = 0.0
+    note: str = ""
 
 
 GATES: dict[int, asyncio.Event] = {}
@@ -120,4 +121,24 @@ async def explode(conn: Any, run: jobs.JobRun) -> None:
 async def loud(ctx: jobs.JobContext, payload: Item) -> Any:
     if payload.n < 0:
         return [payload.n]  # not a dict: the attempt fails
+    return {"n": payload.n}
+
+
+@jobs.job("t.later", queue="core")
+async def later(ctx: jobs.JobContext, payload: Later) -> None:
+    return None
+
+
+class Later(pydantic.BaseModel):
+    """Defined after its handler: the annotation resolves on first use."""
+
+    x: int
+
+
+@jobs.job("t.odd", queue="core", max_attempts=1, on_complete=record)
+async def odd(ctx: jobs.JobContext, payload: Item) -> dict[str, Any]:
+    if payload.n == 1:
+        return {"x": float("inf")}  # not JSON
+    if payload.n == 2:
+        return {"x": 10**200000}  # JSON, but beyond PostgreSQL's numeric
     return {"n": payload.n}

@@ -404,3 +404,14 @@ def test_default_schema_and_channel() -> None:
     assert channel("batchloop") == "batchloop:batchloop"
     # the longest valid schema still gives a channel within PostgreSQL's 63-byte identifiers
     assert len(channel("s" * 50).encode()) <= 63
+
+
+def test_claim_delay_holds_back_only_a_host_over_its_share() -> None:
+    assert decide.claim_delay(0, 2, 500) == 0.0  # nothing yet: claim at once
+    assert decide.claim_delay(900, 0, 0) == 0.0  # alone
+    assert decide.claim_delay(100, 2, 200) == 0.0  # even
+    assert decide.claim_delay(104, 2, 200) == 0.0  # within the slack
+    small = decide.claim_delay(130, 2, 200)
+    large = decide.claim_delay(400, 2, 200)
+    assert 0 < small < large <= decide.CLAIM_DEFER_MAX
+    assert decide.claim_delay(10**6, 2, 0) == decide.CLAIM_DEFER_MAX

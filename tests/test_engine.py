@@ -12,6 +12,7 @@ import pytest
 import batchloop as bl
 from batchloop.migrations import code_version
 from batchloop.schema_name import channel
+from batchloop.testing import wait_idle
 
 from helpers import count as _count
 from helpers import wait_for
@@ -40,23 +41,24 @@ async def _state(conn: Any, name: str) -> str | None:
     return st.state if st else None
 
 
-async def test_ping_creates_worker_and_host_drains_it(migrated_dsn: str) -> None:
-    conn = await _setup(migrated_dsn)
-    async with bl.Host(migrated_dsn, modules=["jobs"]):
-        assert await insert_and_ping(conn, "drain", 250) == "created"
-        await wait_for(lambda: _count(conn, "SELECT count(*) FROM done"), expect=250)
-        st = await bl.status(conn, "drain")
-        assert st is not None and st.batches == 3 and st.generation >= 1
-        assert st.work_query == "jobs:next_items" and st.worker == "jobs:process_items"
-        assert st.last_work_at is not None and st.last_work_at.tzinfo is not None
-        assert st.owner is not None and st.owner.pid > 0
-        assert await wait_for(lambda: _state(conn, "drain"), expect="idle")
-        idle = await bl.status(conn, "drain")
-        assert idle is not None and idle.owner is None
-        assert await _count(conn, "SELECT count(*) FROM items") == 0
-        # a later ping wakes it again
-        assert await insert_and_ping(conn, "drain", 5) == "woken"
-        await wait_for(lambda: _count(conn, "SELECT count(*) FROM done"), expect=255)
+@pytest.mark.batchloop_modules("jobs")
+async def test_ping_creates_worker_and_host_drains_it(
+    batchloop_host: bl.Host, batchloop_dsn: str
+) -> None:
+    conn = await _setup(batchloop_dsn)
+    assert await insert_and_ping(conn, "drain", 250) == "created"
+    await wait_for(lambda: _count(conn, "SELECT count(*) FROM done"), expect=250)
+    st = await bl.status(conn, "drain")
+    assert st is not None and st.batches == 3 and st.generation >= 1
+    assert st.work_query == "jobs:next_items" and st.worker == "jobs:process_items"
+    assert st.last_work_at is not None and st.last_work_at.tzinfo is not None
+    assert st.owner is not None and st.owner.host_id == batchloop_host.host_id
+    idle = await wait_idle(conn, "drain")
+    assert idle.state == "idle" and idle.owner is None and idle.batches == 3
+    assert await _count(conn, "SELECT count(*) FROM items") == 0
+    # a later ping wakes it again
+    assert await insert_and_ping(conn, "drain", 5) == "woken"
+    await wait_for(lambda: _count(conn, "SELECT count(*) FROM done"), expect=255)
     await conn.close()
 
 

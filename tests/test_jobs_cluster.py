@@ -4,6 +4,7 @@ and a host SIGKILLed mid-job has its job run again elsewhere once the lease expi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -47,10 +48,12 @@ async def test_the_concurrency_limit_holds_across_two_hosts(
     ids = await jobs_core.limited.dispatch_many(conn, items)
     live: list[int] = []
 
+    watcher = await asyncpg.connect(migrated_dsn)  # the test body uses conn meanwhile
+
     async def sample() -> None:
         while True:
             live.append(
-                await conn.fetchval(
+                await watcher.fetchval(
                     "SELECT count(*) FROM batchloop.jobs WHERE queue = 'limited'"
                     " AND status = 'running' AND lease_until > now()"
                 )
@@ -84,6 +87,9 @@ async def test_the_concurrency_limit_holds_across_two_hosts(
         assert done == len(ids)
     finally:
         sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
+        await watcher.close()
         for host in hosts:
             await host.__aexit__(None, None, None)
     assert jobs_core.RUNNING["max"] == 3  # reached, never exceeded
@@ -92,12 +98,12 @@ async def test_the_concurrency_limit_holds_across_two_hosts(
     assert await conn.fetchval("SELECT count(*) FROM completions") == len(ids)
 
 
-def _spawn_blocking_host(dsn: str) -> subprocess.Popen[str]:
-    """A host process (tests/jobs_proc.py) whose ``t.sticky`` handlers never return."""
+def _spawn_host(dsn: str, **env: str) -> subprocess.Popen[str]:
+    """A host process (tests/jobs_proc.py) with ``env`` (JOBS_BLOCK, JOBS_MODULES)."""
     proc = subprocess.Popen(
         [sys.executable, str(HERE / "jobs_proc.py"), dsn],
         cwd=HERE,
-        env={**os.environ, "JOBS_BLOCK": "1", "PYTHONPATH": str(HERE)},
+        env={**os.environ, **env, "PYTHONPATH": str(HERE)},
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -110,7 +116,7 @@ def _spawn_blocking_host(dsn: str) -> subprocess.Popen[str]:
 async def test_a_job_whose_host_is_killed_runs_again_elsewhere(
     conn: asyncpg.Connection, migrated_dsn: str
 ) -> None:
-    proc = _spawn_blocking_host(migrated_dsn)
+    proc = _spawn_host(migrated_dsn, JOBS_BLOCK="1")  # its t.sticky handlers never return
     try:
         job_id = await jobs_core.sticky.dispatch(conn, jobs_core.Item(n=1))
         await wait_for(lambda: jobs.get(conn, job_id), expect=lambda r: r and r.progress == 10)
@@ -133,3 +139,27 @@ async def test_a_job_whose_host_is_killed_runs_again_elsewhere(
     assert run.result == {"n": 1, "pid": os.getpid()}
     rows = await conn.fetch("SELECT job_id, status FROM completions")
     assert [tuple(r) for r in rows] == [(job_id, "completed")]  # on_complete exactly once
+
+
+async def test_a_host_without_the_queues_job_types_leaves_the_queue_alone(
+    conn: asyncpg.Connection, migrated_dsn: str
+) -> None:
+    proc = _spawn_host(migrated_dsn, JOBS_MODULES="")  # batchloop.jobs, but no job type
+    try:
+        job_id = await jobs_core.echo.dispatch(conn, jobs_core.Item(n=1))
+        beat = "SELECT heartbeat_at FROM batchloop.hosts WHERE pid = $1"
+        first = await conn.fetchval(beat, proc.pid)
+        # Two heartbeats later its monitor has looked at the orphaned queue a few times.
+        await wait_for(lambda: conn.fetchval(beat, proc.pid), expect=lambda t: t > first)
+        second = await conn.fetchval(beat, proc.pid)
+        await wait_for(lambda: conn.fetchval(beat, proc.pid), expect=lambda t: t > second)
+        st = await bl.status(conn, jobs.queue_name("core"))
+        assert st is not None and st.owner is None and st.last_error is None and st.stale
+        async with bl.Host(migrated_dsn, modules=["jobs_core"]):
+            await wait_for(lambda: jobs.get(conn, job_id), expect=lambda r: r.status == "completed")
+            after = await bl.status(conn, jobs.queue_name("core"))
+            assert after is not None and after.last_error is None
+            assert after.owner is None or after.owner.pid == os.getpid()
+    finally:
+        proc.kill()
+        proc.wait(10)

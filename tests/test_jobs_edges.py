@@ -3,10 +3,13 @@ raising, handlers returning what cannot be stored, a host without the queue's ty
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import jobs_core
+import pydantic
 import pytest
 
 import batchloop as bl
@@ -42,6 +45,14 @@ async def handler(ctx: jobs.JobContext, payload: int) -> None:
     return None
 
 
+async def handler_shared5(ctx: jobs.JobContext, payload: int) -> None:
+    return None
+
+
+async def handler_shared3(ctx: jobs.JobContext, payload: int) -> None:
+    return None
+
+
 def test_the_decorator_refuses_what_cannot_run() -> None:
     with pytest.raises(ValueError, match="job type"):
         jobs.job("")
@@ -63,8 +74,20 @@ def test_the_decorator_refuses_what_cannot_run() -> None:
         jobs.job("x.n")(nested)
     with pytest.raises(TypeError, match="already registered"):
         jobs.job("t.echo", queue="core")(handler)
-    with pytest.raises(ValueError, match="concurrency=3"):
-        jobs.job("x.limited", queue="limited", concurrency=4)(handler)
+
+
+def test_types_of_a_queue_share_the_smallest_concurrency_and_longest_retention(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from batchloop.jobs.registry import DEFAULT_RETENTION, queue_settings
+
+    jobs.job("x.shared5", queue="x-shared", concurrency=5)(handler_shared5)
+    assert queue_settings("x-shared").concurrency == 5
+    jobs.job("x.shared3", queue="x-shared", concurrency=3, retention=60.0)(handler_shared3)
+    assert "types of a queue share one concurrency: the smallest applies" in caplog.text
+    settings = queue_settings("x-shared")
+    assert (settings.concurrency, settings.retention) == (3, 60.0)
+    assert queue_settings("nothing-here").retention == DEFAULT_RETENTION
 
 
 async def test_progress_must_be_a_percentage(conn: asyncpg.Connection) -> None:
@@ -151,3 +174,140 @@ async def test_a_queue_paused_with_batchloop_stop_resumes_with_start(
         assert await bl.start(conn, name) is True
         await wait_for(lambda: _status(conn, second), expect="completed")
         await wait_for(lambda: _status(conn, first), expect="completed")
+
+
+async def test_a_payload_class_defined_after_its_handler_validates(
+    conn: asyncpg.Connection,
+) -> None:
+    job_id = await jobs_core.later.dispatch(conn, {"x": "1"}, delay=3600)  # type: ignore[arg-type]
+    run = await jobs.get(conn, job_id)
+    assert run is not None and run.payload == {"x": 1}
+    with pytest.raises(pydantic.ValidationError):
+        await jobs_core.later.dispatch(conn, {"x": "one"})  # type: ignore[arg-type]
+
+
+async def test_a_dead_lease_of_an_unknown_type_does_not_keep_the_loop_polling(
+    conn: asyncpg.Connection, migrated_dsn: str
+) -> None:
+    await conn.execute(
+        "INSERT INTO batchloop.jobs (type, queue, status, payload, max_attempts, lease_seconds,"
+        " attempts, lease_until) VALUES ('ghost', 'core', 'running', '{}', 3, 60, 1,"
+        " now() - interval '1 minute')"
+    )
+    async with bl.Host(migrated_dsn, modules=["jobs_core"]):
+        job_id = await jobs_core.echo.dispatch(conn, jobs_core.Item(n=1))
+        await wait_for(lambda: _status(conn, job_id), expect="completed")
+        # Nothing it can run is due: the loop goes to sleep (idle or waiting), no polling.
+        await wait_for(
+            lambda: bl.status(conn, jobs.queue_name("core")),
+            expect=lambda s: s is not None and s.state in ("idle", "waiting"),
+        )
+
+
+@pytest.mark.parametrize("module", ["batchloop.jobs", "batchloop.jobs.registry"])
+def test_the_docstring_examples_run(module: str) -> None:
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0 and result.failed == 0
+
+
+async def test_a_result_the_database_refuses_fails_that_job_only(
+    conn: asyncpg.Connection, migrated_dsn: str
+) -> None:
+    ids = await jobs_core.odd.dispatch_many(conn, [jobs_core.Item(n=n) for n in (1, 2, 3)])
+    async with bl.Host(migrated_dsn, modules=["jobs_core"]):
+
+        async def finished() -> bool:
+            runs = [await jobs.get(conn, job_id) for job_id in ids]
+            return all(r is not None and r.finished for r in runs)
+
+        await wait_for(finished)
+    runs = [await jobs.get(conn, job_id) for job_id in ids]
+    assert [r.status for r in runs if r is not None] == ["failed", "failed", "completed"]
+    assert runs[0] is not None and runs[0].error == (
+        "ValueError: the result holds Infinity or NaN, which JSON cannot store"
+    )
+    assert runs[1] is not None and runs[1].error is not None
+    assert runs[1].error.startswith("could not record the attempt's outcome:")
+    assert "numeric" in runs[1].error
+    assert runs[2] is not None and runs[2].result == {"n": 3}
+    assert sorted(jobs_core.COMPLETED) == sorted(
+        [(ids[0], "failed"), (ids[1], "failed"), (ids[2], "completed")]
+    )
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_sqlalchemy_sessions_dispatch_in_their_transaction(
+    conn: asyncpg.Connection, migrated_dsn: str, driver: str
+) -> None:
+    pytest.importorskip("sqlalchemy")
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    engine = create_async_engine(migrated_dsn.replace("postgresql://", f"postgresql+{driver}://"))
+    try:
+        async with AsyncSession(engine) as session:
+            async with session.begin():
+                kept = await jobs_core.echo.dispatch(session, jobs_core.Item(n=1), delay=3600)
+            async with session.begin():
+                await jobs_core.echo.dispatch(session, jobs_core.Item(n=2), delay=3600)
+                await session.rollback()
+            async with session.begin():
+                assert await jobs.cancel(session, kept) is True
+                run = await jobs.get(session, kept)
+                assert run is not None and run.status == "canceled"
+    finally:
+        await engine.dispose()
+    rows = await conn.fetch("SELECT id, status FROM batchloop.jobs")
+    assert [tuple(r) for r in rows] == [(kept, "canceled")]
+    assert [(kept, "canceled")] == jobs_core.COMPLETED
+
+
+# docs/deployment.md's grants for an application role, unchanged: jobs need nothing more (the
+# jobs table's id is an identity column, so no sequence grant either).
+APP_GRANTS = """
+REVOKE ALL ON DATABASE {database} FROM PUBLIC;
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA batchloop FROM PUBLIC;
+GRANT CONNECT ON DATABASE {database} TO {role};
+GRANT USAGE ON SCHEMA batchloop TO {role};
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA batchloop TO {role};
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA batchloop TO {role};
+GRANT SELECT, INSERT ON completions TO {role};
+"""
+
+
+async def test_an_application_role_with_the_documented_grants_runs_jobs(
+    conn: asyncpg.Connection, migrated_dsn: str
+) -> None:
+    if not await conn.fetchval(
+        "SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user"
+    ):
+        pytest.skip("the test server's user may not create roles")
+    role = f"bltest_jobs_{uuid.uuid4().hex[:10]}"
+    database = await conn.fetchval("SELECT current_database()")
+    await conn.execute(f"CREATE ROLE \"{role}\" LOGIN PASSWORD '{role}'")
+    try:
+        await conn.execute(APP_GRANTS.format(database=f'"{database}"', role=f'"{role}"'))
+        parts = urlsplit(migrated_dsn)
+        host = parts.netloc.rpartition("@")[2]
+        app_dsn = urlunsplit(parts._replace(netloc=f"{role}:{role}@{host}"))
+        app = await asyncpg.connect(app_dsn)
+        try:
+            async with bl.Host(app_dsn, modules=["jobs_core"]):
+                async with app.transaction():
+                    job_id = await jobs_core.echo.dispatch(app, jobs_core.Item(n=1), key="k")
+                later = await jobs_core.echo.dispatch(app, jobs_core.Item(n=2), delay=3600)
+                await wait_for(lambda: _status(app, job_id), expect="completed")
+                assert await jobs.cancel(app, later) is True
+                assert await jobs.retry(app, later) is True
+                await wait_for(lambda: _status(app, later), expect="completed")
+                assert (await jobs.queue_counts(app))["core"]["completed"] == 2
+        finally:
+            await app.close()
+    finally:
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
+        )
+        await conn.execute(f'DROP OWNED BY "{role}"')
+        await conn.execute(f'DROP ROLE "{role}"')

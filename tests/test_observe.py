@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -37,7 +38,7 @@ def spans() -> Iterator[InMemorySpanExporter]:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.use(provider)
+    tracing.use(provider, callables=True)
     try:
         yield exporter
     finally:
@@ -221,6 +222,24 @@ def test_no_provider_means_shared_noop_context_managers() -> None:
     with tracing.iteration_span("a", 1) as span:
         tracing.outcome(span, "committed")  # a None span: nothing to do
         assert span is None
+
+
+def test_callable_spans_are_off_unless_asked_for() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.use(provider)
+    try:
+        assert tracing.tracer() is not None
+        assert tracing.query_span() is tracing.worker_span()  # the shared no-op
+        with tracing.iteration_span("a", 1) as span:
+            assert trace.get_current_span() is span  # driver spans nest under the iteration
+            with tracing.worker_span():
+                assert trace.get_current_span() is span
+            tracing.outcome(span, "committed")
+    finally:
+        tracing.use(None)
+    assert [s.name for s in exporter.get_finished_spans()] == ["batchloop.iteration"]
 
 
 def test_iteration_span_with_children_and_outcome(spans: InMemorySpanExporter) -> None:

@@ -42,7 +42,7 @@ def observed() -> Iterator[tuple[Metrics, InMemorySpanExporter, Collect]]:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.use(provider)
+    tracing.use(provider, callables=True)
     handler = Collect()
     loggers = [logging.getLogger("observe_jobs"), logging.getLogger("batchloop")]
     for logger in loggers:

@@ -292,6 +292,7 @@ def test_sdist_has_the_project_and_nothing_from_a_virtualenv(tmp_path: Path) -> 
         "examples",
         "bench",
         "docs",
+        "mkdocs.yml",
         ".gitignore",
     }
     assert "Classifier: Programming Language :: Python :: 3.10" in metadata

@@ -11,6 +11,7 @@ import psycopg_pool
 import pytest
 
 import batchloop as bl
+from batchloop.testing import wait_idle
 
 import jobs
 import psycopg_jobs
@@ -32,31 +33,34 @@ async def _one(conn: psycopg.AsyncConnection[Any], query: str, *args: Any) -> An
     return row[0]
 
 
-async def test_psycopg_host_drains_on_psycopg_connections(migrated_dsn: str) -> None:
-    conn = await _psycopg(migrated_dsn)
+@pytest.mark.batchloop_modules("psycopg_jobs", driver="psycopg")
+async def test_psycopg_host_drains_on_psycopg_connections(
+    batchloop_host: bl.Host, batchloop_dsn: str
+) -> None:
+    conn = await _psycopg(batchloop_dsn)
     name = "pg-drain"
     k = psycopg_jobs.knobs(name)
-    async with bl.Host(migrated_dsn, modules=["psycopg_jobs"], driver="psycopg") as host:
-        assert isinstance(host.pool, psycopg_pool.AsyncConnectionPool)
-        assert await psycopg_jobs.insert_and_ping(conn, name, 250) == "created"
-        await wait_for(lambda: _one(conn, "SELECT count(*) FROM done"), expect=250)
-        st = await wait_for(lambda: bl.status(conn, name), expect=lambda s: s.state == "idle")
-        assert st.batches == 3 and st.consecutive_failures == 0
-        assert k.conn_types == {psycopg.AsyncConnection}
-        # every item exactly once, all by one generation; each savepoint was undone alone
-        assert await _one(conn, "SELECT count(DISTINCT item_id) FROM done") == 250
-        assert await _one(conn, "SELECT count(DISTINCT generation) FROM done") == 1
-        assert await _one(conn, "SELECT count(*) FROM calls") == 0
-        assert await _one(conn, "SELECT count(*) FROM items") == 0
-        # pool connections carry the host's name, so another host can end them if it freezes
-        apps = await _one(
-            conn,
-            "SELECT array_agg(DISTINCT application_name) FROM pg_stat_activity WHERE pid = ANY(%s)",
-            list(set(k.pids)),
-        )
-        assert apps == [host.application_name]
-        assert await psycopg_jobs.insert_and_ping(conn, name, 5) == "woken"
-        await wait_for(lambda: _one(conn, "SELECT count(*) FROM done"), expect=255)
+    host = batchloop_host
+    assert isinstance(host.pool, psycopg_pool.AsyncConnectionPool)
+    assert await psycopg_jobs.insert_and_ping(conn, name, 250) == "created"
+    await wait_for(lambda: _one(conn, "SELECT count(*) FROM done"), expect=250)
+    st = await wait_idle(conn, name)
+    assert st.state == "idle" and st.batches == 3 and st.consecutive_failures == 0
+    assert k.conn_types == {psycopg.AsyncConnection}
+    # every item exactly once, all by one generation; each savepoint was undone alone
+    assert await _one(conn, "SELECT count(DISTINCT item_id) FROM done") == 250
+    assert await _one(conn, "SELECT count(DISTINCT generation) FROM done") == 1
+    assert await _one(conn, "SELECT count(*) FROM calls") == 0
+    assert await _one(conn, "SELECT count(*) FROM items") == 0
+    # pool connections carry the host's name, so another host can end them if it freezes
+    apps = await _one(
+        conn,
+        "SELECT array_agg(DISTINCT application_name) FROM pg_stat_activity WHERE pid = ANY(%s)",
+        list(set(k.pids)),
+    )
+    assert apps == [host.application_name]
+    assert await psycopg_jobs.insert_and_ping(conn, name, 5) == "woken"
+    await wait_for(lambda: _one(conn, "SELECT count(*) FROM done"), expect=255)
     await conn.close()
 
 

@@ -1,4 +1,4 @@
-"""Unit tests, no database: the NOTIFY payload codec (``w|s|r:<lock_key>:<name>``)."""
+"""Unit tests, no database: the NOTIFY payload codec (``w|s|r|c:<lock_key>:<name>``)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,6 @@ def test_payloads_that_are_not_wakeups_are_ignored() -> None:
         assert decode(payload) is None, payload
 
 
-@given(st.sampled_from(["w", "s", "r"]), st.text(min_size=1))
+@given(st.sampled_from(["w", "s", "r", "c"]), st.text(min_size=1))
 def test_encode_and_decode_agree(kind: str, name: str) -> None:
     assert decode(encode(kind, name)) == Wakeup(kind, name)  # type: ignore[arg-type]

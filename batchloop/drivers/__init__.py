@@ -18,7 +18,8 @@ from .base import Session
 
 @asynccontextmanager
 async def session_for(conn: Any, schema: str) -> AsyncIterator[Session]:
-    """A Session over an asyncpg Connection or Pool, or a psycopg AsyncConnection."""
+    """A Session over an asyncpg Connection or Pool, a psycopg AsyncConnection, or a SQLAlchemy
+    AsyncConnection or AsyncSession on one of those (see :mod:`batchloop.drivers.sqlalchemy`)."""
     from .asyncpg import AsyncpgSession, is_connection, is_pool
 
     if is_pool(conn):
@@ -37,8 +38,15 @@ async def session_for(conn: Any, schema: str) -> AsyncIterator[Session]:
 
         yield PsycopgSession(conn, schema)
         return
+    from .sqlalchemy import driver_connection, is_sqlalchemy  # imports no SQLAlchemy itself
+
+    if is_sqlalchemy(conn):
+        async with session_for(await driver_connection(conn), schema) as s:
+            yield s
+        return
     raise TypeError(
-        "conn must be an asyncpg Connection or Pool, or a psycopg AsyncConnection; "
+        "conn must be an asyncpg Connection or Pool, a psycopg AsyncConnection, or a "
+        "SQLAlchemy AsyncConnection or AsyncSession; "
         f"got {type(conn).__name__} (for a psycopg sync Connection use batchloop.sync)"
     )
 

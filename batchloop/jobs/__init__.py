@@ -7,10 +7,10 @@ See ``docs/jobs.md``. ``batchloop migrate`` creates the jobs table.
 ['DEFAULT_RETENTION', 'Job', 'JobContext', 'JobRun']
 """
 
-from .admin import cancel, get, list_jobs, retry
+from .admin import cancel, get, list_jobs, queue_counts, retry
 from .context import JobContext
 from .model import JobRun, Status
-from .queue import lease_jobs, next_jobs, queue_name
+from .queue import queue_name
 from .registry import DEFAULT_RETENTION, Job, NonRetryable, job
 
 __all__ = [
@@ -23,9 +23,8 @@ __all__ = [
     "cancel",
     "get",
     "job",
-    "lease_jobs",
     "list_jobs",
-    "next_jobs",
+    "queue_counts",
     "queue_name",
     "retry",
 ]

@@ -54,6 +54,22 @@ async def list_jobs(
     return [from_row(row) for row in rows]
 
 
+async def queue_counts(
+    conn: Any, *, queue: str | None = None, schema: str = DEFAULT_SCHEMA
+) -> dict[str, dict[str, int]]:
+    """Jobs per queue and status, every status present (0 when none): for status pages.
+
+    Queues with no job at all are absent."""
+    if queue is not None and not isinstance(queue, str):
+        raise TypeError(f"queue must be a str or None, got {queue!r}")
+    async with session_for(conn, check_schema(schema)) as s:
+        rows = await s.fetch("jobs_counts", queue)
+    counts: dict[str, dict[str, int]] = {}
+    for row in rows:
+        counts.setdefault(row["queue"], dict.fromkeys(STATUSES, 0))[row["status"]] = int(row["n"])
+    return counts
+
+
 async def cancel(conn: Any, id: int, *, schema: str = DEFAULT_SCHEMA) -> bool:
     """Cancel the job ``id``; False if it is already final (or unknown).
 

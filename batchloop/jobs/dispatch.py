@@ -21,7 +21,13 @@ INSERT_TRIES = 5
 def encode(spec: JobSpec, payload: Any) -> str:
     """The payload validated against the handler's annotation, as JSON text."""
     value = spec.adapter.validate_python(payload)
-    return spec.adapter.dump_json(value).decode()
+    text = spec.adapter.dump_json(value).decode()
+    if "\\u0000" in text:
+        raise ValueError(
+            f"job {spec.type!r}: the payload holds a NUL character (\\u0000), which "
+            "PostgreSQL's jsonb refuses"
+        )
+    return text
 
 
 def _when(delay: float, run_at: datetime | None) -> tuple[datetime | None, float]:

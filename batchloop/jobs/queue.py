@@ -11,8 +11,11 @@ runner starts the handlers, outside any transaction.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -40,7 +43,14 @@ POLL = 0.05
 AT_CAPACITY_POLL = 0.2
 """Every slot taken: this host's completions wake the loop at once; others' within this."""
 
-_sweep_checked: dict[str, float] = {}
+_sweep_checked: dict[tuple[str, str], float] = {}
+"""(host_id, queue): when the busy queue's loop next looks for jobs past retention."""
+
+
+def forget_host(host_id: str) -> None:
+    """The host exited: drop what its loops remembered."""
+    for key in [key for key in _sweep_checked if key[0] == host_id]:
+        del _sweep_checked[key]
 
 
 def queue_name(queue: str) -> str:
@@ -77,9 +87,8 @@ def _types(queue: str) -> list[str]:
     return types
 
 
-@bl.work_query
 async def next_jobs(conn: Any, name: str) -> bl.Work[Due] | bl.Idle:
-    """The work query of every job queue's loop."""
+    """What every job queue's work query does (see :func:`callables_for`)."""
     queue = name.removeprefix(PREFIX)
     host = _host(queue)
     types = _types(queue)
@@ -89,7 +98,7 @@ async def next_jobs(conn: Any, name: str) -> bl.Work[Due] | bl.Idle:
         assert row is not None
         ids = [*row["due"], *row["ending"]]
         now = time.monotonic()
-        if now < _sweep_checked.get(queue, 0.0):
+        if now < _sweep_checked.get((host.host_id, queue), 0.0):
             if ids:
                 return bl.Work(Due(queue, ids))
             if row["busy"] >= settings.concurrency:
@@ -98,7 +107,8 @@ async def next_jobs(conn: Any, name: str) -> bl.Work[Due] | bl.Idle:
         assert times is not None
     run_in, expiry_in, sweep_in = times["run_in"], times["expiry_in"], times["sweep_in"]
     sweep = sweep_in is not None and sweep_in <= 0
-    _sweep_checked[queue] = now + (SWEEP_CHECK if sweep_in is None else min(SWEEP_CHECK, sweep_in))
+    next_check = SWEEP_CHECK if sweep_in is None else min(SWEEP_CHECK, sweep_in)
+    _sweep_checked[host.host_id, queue] = now + next_check
     if ids or sweep:
         return bl.Work(Due(queue, ids, sweep))
     if row["busy"] >= settings.concurrency:
@@ -115,9 +125,8 @@ def _at_capacity(expiry_in: float | None) -> bl.Idle:
     return bl.Idle(timeout=timeout, cooldown=COOLDOWN, poll_interval=AT_CAPACITY_POLL)
 
 
-@bl.worker
 async def lease_jobs(conn: Any, batch: Due) -> bl.Debounce | None:
-    """The worker of every job queue's loop: lease, record cancels, sweep."""
+    """What every job queue's worker does: lease, record cancels, sweep."""
     from .runner import call_on_complete, runtime_of
 
     host = _host(batch.queue)
@@ -136,7 +145,8 @@ async def lease_jobs(conn: Any, batch: Due) -> bl.Debounce | None:
             if gone:
                 log.debug("job queue %r: deleted %d finished jobs", batch.queue, gone)
                 if gone >= SWEEP_BATCH:
-                    _sweep_checked.pop(batch.queue, None)  # more to go: check again next time
+                    # More to go: look again at the next iteration.
+                    _sweep_checked.pop((host.host_id, batch.queue), None)
     if started:
         on_outcome(lambda committed: runtime.start(started) if committed else None)
     if batch.ids and not rows:
@@ -144,12 +154,41 @@ async def lease_jobs(conn: Any, batch: Due) -> bl.Debounce | None:
     return None
 
 
+Callables = tuple[Callable[..., Awaitable[Any]], Callable[..., Awaitable[Any]]]
+
+
+@cache
+def callables_for(queue: str) -> Callables:
+    """The queue's own work query and worker, registered in this process once one of its job
+    types is: a host whose process defines no type of a queue lacks them, so it never claims
+    the queue's loop (the registry rule), and leaves it to a host that has them.
+
+    Both are module-level attributes of this module, named after the queue
+    (``batchloop.jobs.queue:jobs_<queue>_<hash>_query``), and call :func:`next_jobs` and
+    :func:`lease_jobs`."""
+    stem = "jobs_" + re.sub(r"\W", "_", queue)[:40] + "_"
+    stem += hashlib.sha1(queue.encode()).hexdigest()[:8]
+
+    async def query(conn: Any, name: str) -> bl.Work[Due] | bl.Idle:
+        return await next_jobs(conn, name)
+
+    async def worker(conn: Any, batch: Due) -> bl.Debounce | None:
+        return await lease_jobs(conn, batch)
+
+    for func, suffix in ((query, "_query"), (worker, "_worker")):
+        func.__name__ = func.__qualname__ = stem + suffix
+        func.__module__ = __name__
+        globals()[func.__name__] = func
+    return bl.work_query(query), bl.worker(worker)
+
+
 async def wake_queue(conn: Any, queue: str, schema: str) -> None:
     """Ping the queue's loop in the caller's transaction (free while it runs: no write)."""
-    await bl.ping(conn, queue_name(queue), next_jobs, lease_jobs, schema=schema)
+    query, worker = callables_for(queue)
+    await bl.ping(conn, queue_name(queue), query, worker, schema=schema)
 
 
 @cache
 def ping_of(queue: str) -> tuple[Any, ...]:
     """The arguments of the ``ping`` function for the queue's loop (jobs_complete sends one)."""
-    return ping_args(queue_name(queue), next_jobs, lease_jobs, None)
+    return ping_args(queue_name(queue), *callables_for(queue), None)

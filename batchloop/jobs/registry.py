@@ -9,6 +9,7 @@ receives the validated value.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import typing
 from collections.abc import Awaitable, Callable, Sequence
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from .model import JobRun
 
 P = TypeVar("P")
+log = logging.getLogger("batchloop")
 
 DEFAULT_CONCURRENCY = 10
 DEFAULT_RETENTION = 7 * 24 * 3600.0
@@ -39,19 +41,27 @@ class NonRetryable(Exception):
     """Raise it from a handler to fail the job at once, without retrying."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class JobSpec:
     """What the registry knows of a job type."""
 
     type: str
     queue: str
     handler: Callable[..., Awaitable[Any]]
-    adapter: TypeAdapter[Any]
     max_attempts: int
     lease: float
     on_complete: OnComplete | None
     concurrency: int | None
     retention: float | None
+    _adapter: TypeAdapter[Any] | None = None
+
+    @property
+    def adapter(self) -> TypeAdapter[Any]:
+        """Validates payloads against the handler's annotation (resolved on first use when
+        it names a class defined after the handler)."""
+        if self._adapter is None:
+            self._adapter = _payload_adapter(self.handler, self.type)
+        return self._adapter
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,13 +84,14 @@ def types_of(queue: str) -> list[str]:
 
 
 def queue_settings(queue: str) -> QueueSettings:
-    """The queue's concurrency and retention, as its job types declared them."""
+    """The queue's concurrency and retention, as its job types declared them: the smallest
+    concurrency and the longest retention any of them gave (none: the defaults)."""
     specs = [spec for spec in _types.values() if spec.queue == queue]
-    concurrency = next((s.concurrency for s in specs if s.concurrency is not None), None)
-    retention = next((s.retention for s in specs if s.retention is not None), None)
+    limits = [s.concurrency for s in specs if s.concurrency is not None]
+    keeps = [s.retention for s in specs if s.retention is not None]
     return QueueSettings(
-        DEFAULT_CONCURRENCY if concurrency is None else concurrency,
-        DEFAULT_RETENTION if retention is None else retention,
+        min(limits) if limits else DEFAULT_CONCURRENCY,
+        max(keeps) if keeps else DEFAULT_RETENTION,
     )
 
 
@@ -160,8 +171,24 @@ def _payload_adapter(func: Callable[..., Any], type_: str) -> TypeAdapter[Any]:
             f"job {type_!r}: a handler takes (ctx, payload), {func.__qualname__} takes "
             f"{len(params)} parameters"
         )
-    hints = typing.get_type_hints(func)
+    try:
+        hints = typing.get_type_hints(func)
+    except NameError as exc:
+        raise TypeError(
+            f"job {type_!r}: the payload annotation of {func.__qualname__} does not resolve "
+            f"({exc}); define its type at module level"
+        ) from exc
     return TypeAdapter(hints.get(params[1].name, Any))
+
+
+def _check_signature(func: Callable[..., Any], type_: str) -> TypeAdapter[Any] | None:
+    """The payload adapter, or None while the annotation names a class not defined yet."""
+    try:
+        return _payload_adapter(func, type_)
+    except TypeError as exc:
+        if isinstance(exc.__cause__, NameError):
+            return None
+        raise
 
 
 def job(
@@ -226,12 +253,12 @@ def job(
             type,
             queue,
             func,
-            _payload_adapter(func, type),
             max_attempts,
             float(lease),
             on_complete,
             concurrency,
             None if retention is None else float(retention),
+            _check_signature(func, type),
         )
         existing = _types.get(type)
         if existing is not None and _ref(existing.handler) != _ref(func):
@@ -239,14 +266,25 @@ def job(
         for other in _types.values():
             if other.queue != queue or other.type == type:
                 continue
-            for what in ("concurrency", "retention"):
+            for what, rule in (("concurrency", "the smallest"), ("retention", "the longest")):
                 mine, theirs = getattr(spec, what), getattr(other, what)
                 if mine is not None and theirs is not None and mine != theirs:
-                    raise ValueError(
-                        f"job {type!r}: queue {queue!r} has {what}={theirs!r} (job "
-                        f"{other.type!r}); the types of a queue share one {what}"
+                    log.warning(
+                        "job %r: queue %r has %s=%r (job %r), this job says %r; the types of "
+                        "a queue share one %s: %s applies",
+                        type,
+                        queue,
+                        what,
+                        theirs,
+                        other.type,
+                        mine,
+                        what,
+                        rule,
                     )
         _types[type] = spec
+        from .queue import callables_for
+
+        callables_for(queue)  # the queue's loop runs only where its callables are registered
         return Job(spec)
 
     return register

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
@@ -26,7 +27,7 @@ import pydantic
 import pydantic_core
 
 from ..drivers import session_for
-from ..drivers.errors import sqlstate
+from ..drivers.errors import connection_lost, sqlstate
 from ..runtime.host import Host
 from .context import JobContext
 from .model import FINAL, JobRun, from_row
@@ -67,6 +68,14 @@ def describe(exc: BaseException) -> str:
     return storable(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
 
 
+def _bad_value(exc: BaseException) -> bool:
+    """The server refused a value (data exception, constraint, size limit): retrying the
+    same statement cannot help. Anything else (a lost connection, a restart, a deadlock, a
+    missing schema) is retried."""
+    state = sqlstate(exc)
+    return state is not None and not connection_lost(exc) and state[:2] in ("22", "23", "54")
+
+
 def encode_result(result: object) -> str | None:
     """The handler's return value as JSON text: an object (a dict or a model) or None."""
     if result is None:
@@ -78,7 +87,20 @@ def encode_result(result: object) -> str | None:
         )
     if "\\u0000" in text:
         raise ValueError("the result holds a NUL character, which PostgreSQL's jsonb refuses")
+    if ("Infinity" in text or "NaN" in text) and not _strict_json(text):
+        raise ValueError("the result holds Infinity or NaN, which JSON cannot store")
     return text
+
+
+def _strict_json(text: str) -> bool:
+    def refuse(constant: str) -> None:
+        raise ValueError(constant)
+
+    try:
+        json.loads(text, parse_constant=refuse)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(eq=False, slots=True)
@@ -189,6 +211,9 @@ class Runtime:
             error = f"the payload no longer validates against job {a.spec.type!r}: {exc}"
             self._finish(Completion(a, "fail", error=storable(error)))
             return
+        except Exception as exc:  # e.g. an annotation that never resolves
+            self._finish(Completion(a, "fail", error=describe(exc)))
+            return
         try:
             result = await a.spec.handler(JobContext(a), payload)
             text = encode_result(result)
@@ -222,7 +247,12 @@ class Runtime:
             self._have.clear()
             # Let the handlers already scheduled finish too: they join this flush.
             await asyncio.sleep(0)
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:  # pragma: no cover - a bug here must not stop the flusher
+                log.exception("jobs: the completion flusher failed; going on")
+                self._have.set()
+                await asyncio.sleep(1.0)
 
     async def flush(self) -> None:
         """Record every finished attempt queued so far, one statement per queue."""
@@ -241,7 +271,7 @@ class Runtime:
                 await self._record(batch)
                 return
             except Exception as exc:
-                if sqlstate(exc) is not None:
+                if _bad_value(exc):
                     await self._record_apart(batch, exc)
                     return
                 await self._drop_connection()
@@ -417,3 +447,6 @@ class Runtime:
             await asyncio.gather(*helpers, return_exceptions=True)
             await self._drop_connection()
             _runtimes.pop(self.host, None)
+            from .queue import forget_host
+
+            forget_host(self.host.host_id)

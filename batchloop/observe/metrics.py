@@ -103,6 +103,8 @@ class Metrics(Observer):
         self._per_name: dict[str, tuple[Any, Any, Any, Any]] = {}
         """Each name's labelled children (batches, failures, seconds, items): ``labels()``
         takes a lock and builds a key on every call, and this runs once per iteration."""
+        self._per_outcome: dict[tuple[str, str], Any] = {}
+        """``iterations`` by (name, outcome), for the same reason."""
         self._owned: set[tuple[str | None, str]] = set()
         self._lock = threading.Lock()
 
@@ -119,7 +121,10 @@ class Metrics(Observer):
                 self.batch_items.labels(name),
             )
         batches, failures, seconds, items = children
-        self.iterations.labels(name, outcome).inc()
+        counted = self._per_outcome.get((name, outcome))
+        if counted is None:
+            counted = self._per_outcome[name, outcome] = self.iterations.labels(name, outcome)
+        counted.inc()
         if outcome == "committed":
             batches.inc()
             seconds.observe(event.seconds)

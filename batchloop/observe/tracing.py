@@ -3,10 +3,13 @@
 When a tracer provider is configured (the global one, ``opentelemetry.trace.
 set_tracer_provider``, or one given to :func:`use`), each iteration of a loop is a span
 ``batchloop.iteration`` with attributes ``batchloop.name``, ``batchloop.generation`` and
-``batchloop.outcome`` (committed, failed, idle, waiting, polled, superseded, unrunnable), and
-children ``batchloop.work_query`` and ``batchloop.worker`` around the user's callables, so
-that spans of an instrumented driver (asyncpg, psycopg) nest under them. ``ping`` is a span
-``batchloop.ping`` with ``batchloop.name`` and ``batchloop.ping.result``.
+``batchloop.outcome`` (committed, failed, idle, waiting, polled, superseded, unrunnable); spans
+of an instrumented driver (asyncpg, psycopg) and of the user's code nest under it. With
+``use(..., callables=True)`` the work query and the worker get child spans of their own,
+``batchloop.work_query`` and ``batchloop.worker``. They are off by default because each SDK span
+costs tens of microseconds, and a loop draining batches of 100 runs an iteration a millisecond:
+three spans an iteration cost about 8% of the drain, one about 3% (docs/benchmarks.md).
+``ping`` is a span ``batchloop.ping`` with ``batchloop.name`` and ``batchloop.ping.result``.
 
 Without opentelemetry-api, or with no provider configured, every function here returns one
 shared no-op context manager. Whether a global provider has been configured is looked up at
@@ -35,14 +38,21 @@ _tracer: Any = None
 """The tracer, once a real provider was found (providers are set once, at startup)."""
 _next_check = 0.0
 """``time.monotonic()`` before which the global provider is not looked up again."""
+_callables = False
+"""Whether the work query and the worker get child spans (:func:`use`)."""
 CHECK_EVERY = 1.0
 
 
-def use(provider: Any = None) -> None:
+def use(provider: Any = None, *, callables: bool = False) -> None:
     """Send batchloop's spans to ``provider`` instead of the global tracer provider (None: back
-    to the global one)."""
-    global _provider, _tracer, _next_check
-    _provider, _tracer, _next_check = provider, None, 0.0
+    to the global one); ``callables=True`` adds the work query's and the worker's child spans.
+
+    >>> from batchloop.observe import tracing
+    >>> tracing.use(callables=True)  # the global provider, with the callables' spans
+    >>> tracing.use()  # back to the defaults
+    """
+    global _provider, _tracer, _next_check, _callables
+    _provider, _tracer, _next_check, _callables = provider, None, 0.0, callables
 
 
 def tracer() -> Any:
@@ -90,15 +100,15 @@ def outcome(span: Any, outcome: str, exc: BaseException | None = None) -> None:
 
 
 def query_span() -> AbstractContextManager[Any]:
-    """Around the work query's call (inside an iteration span)."""
+    """Around the work query's call (inside an iteration span, with ``use(callables=True)``)."""
     t = _tracer
-    return _NULL if t is None else t.start_as_current_span("batchloop.work_query")
+    return _NULL if t is None or not _callables else t.start_as_current_span("batchloop.work_query")
 
 
 def worker_span() -> AbstractContextManager[Any]:
-    """Around the worker's call (inside an iteration span)."""
+    """Around the worker's call (inside an iteration span, with ``use(callables=True)``)."""
     t = _tracer
-    return _NULL if t is None else t.start_as_current_span("batchloop.worker")
+    return _NULL if t is None or not _callables else t.start_as_current_span("batchloop.worker")
 
 
 def ping_span(name: str) -> AbstractContextManager[Any]:

@@ -17,9 +17,10 @@ import anyio
 from .. import observe
 from ..drivers.errors import server_error
 from ..registry import lookup, main_help, main_refs
+from . import decide
 from .iteration import CallableMissing, LoadedWorker
 from .loop import LoopContext, NameLoop
-from .session import Control, CurrentSession
+from .session import Control, CurrentSession, Shares
 
 log = logging.getLogger("batchloop")
 
@@ -51,6 +52,13 @@ class Claims:
         """(work query, worker) pairs already explained in the log as not runnable here."""
         self.emptied = anyio.Event()
         """Set when the last loop ends (a fresh one for each drain)."""
+        self._released: list[tuple[str | None, int]] = []
+        """Names whose loops ended (None: not to be re-checked) with their lock keys, waiting
+        for the statement that unlocks and re-checks them."""
+        self._releasing = False
+        """A task is sending the releases (it takes those that queue up meanwhile along)."""
+        self.shares = Shares(owned=lambda: len(self.loops))
+        """This host's names against the other hosts', refreshed by the heartbeat."""
 
     async def drain(self, grace: float) -> None:
         """Ask every loop to stop after its iteration in flight; wait up to ``grace`` seconds
@@ -108,6 +116,11 @@ class Claims:
                 worker_ref,
             )
         return False
+
+    def claim_delay(self) -> float:
+        """How long to hold back a claim of new names (:func:`.decide.claim_delay`)."""
+        shares = self.shares
+        return decide.claim_delay(len(self.loops), shares.others, shares.others_owned)
 
     async def claim(
         self, names: list[str], unlock: list[int] | None = None, *, handoff: bool = False
@@ -214,7 +227,23 @@ class Claims:
             self.emptied.set()
         if not self._current.alive():
             return  # closing keeps locks for the goodbye; a dying session loses them anyway
-        await self.claim([] if loop.unrunnable else [loop.name], unlock=[loop.lock_key])
+        self._released.append((None if loop.unrunnable else loop.name, loop.lock_key))
+        if self._releasing:
+            return
+        # Loops ending together (a burst of names going idle) share one statement per
+        # CLAIM_BATCH: the control connection runs one statement at a time, and a release
+        # apiece would queue them up behind each other and behind the claims of new work.
+        self._releasing = True
+        try:
+            while self._released and self._current.alive():
+                batch = self._released[:CLAIM_BATCH]
+                del self._released[:CLAIM_BATCH]
+                names = [name for name, _ in batch if name is not None]
+                await self.claim(names, unlock=[key for _, key in batch])
+        finally:
+            self._releasing = False
+            if not self._current.alive():
+                self._released.clear()
 
 
 def registered(query_ref: str, worker_ref: str) -> bool:

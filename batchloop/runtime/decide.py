@@ -72,3 +72,31 @@ def after_confirm(idle: Idle) -> Sleep:
     """The go-idle step re-ran the query while holding off pings, and it still found nothing
     (had it found work, the worker runs it as any batch: :func:`after_work`)."""
     return Sleep(idle.timeout)
+
+
+SHARE_SLACK = 0.05
+"""How far past an even share a host may go before it lets other hosts claim first."""
+CLAIM_DEFER_MAX = 0.05
+"""The longest a host over its share holds a claim back (others claim in milliseconds)."""
+
+
+def claim_delay(mine: int, others: int, others_owned: int) -> float:
+    """How long a host owning ``mine`` names holds back a claim of new ones, given ``others``
+    live hosts owning ``others_owned`` names between them (as of their last heartbeats).
+
+    A host over an even share waits a little before claiming, in proportion to its excess,
+    so that hosts with fewer names win the race for new ones; it still claims what nobody took
+    meanwhile, so no name waits for a host that is gone. Alone, or within its share: at once.
+
+    >>> claim_delay(100, 2, 200)  # an even share
+    0.0
+    >>> claim_delay(300, 2, 300) > 0  # 300 against an even share of 200
+    True
+    """
+    if others <= 0 or mine <= 0:
+        return 0.0
+    fair = (mine + others_owned) / (others + 1)
+    excess = mine - fair * (1 + SHARE_SLACK) - 1
+    if excess <= 0:
+        return 0.0
+    return min(CLAIM_DEFER_MAX, 0.002 + 0.001 * excess / max(1.0, fair) * 100)

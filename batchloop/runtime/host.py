@@ -32,6 +32,8 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from ..connect import (
+    ASYNCPG_RESET,
+    PSYCOPG_RESET,
     AsyncpgPool,
     connect,
     create_pool,
@@ -219,6 +221,8 @@ class Host:
             driver,
             prepare=not self._pooled,
             application_name=self.application_name,
+            polls=anyio.Semaphore(max(1, self._pool_sizes[1] // 2)),
+            reset=PSYCOPG_RESET if self.driver == "psycopg" else ASYNCPG_RESET,
         )
         try:
             async with self._pool.acquire() as conn:
@@ -386,7 +390,9 @@ class Host:
             try:
                 async with anyio.create_task_group() as tg:
                     current.tasks = tg
-                    tg.start_soon(heartbeat, control, self.host_id, self._heartbeat_every)
+                    tg.start_soon(
+                        heartbeat, control, self.host_id, self._heartbeat_every, self._claims.shares
+                    )
                     tg.start_soon(self._wakeups.run)
                     await self._monitor.tick()
                     tg.start_soon(self._monitor.run)

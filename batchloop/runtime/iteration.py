@@ -14,7 +14,7 @@ Each iteration is a single transaction on a pool connection, READ COMMITTED:
    ``COMMIT``) and poll again later. Past the cooldown: take the name's wake lock exclusively
    (``try_go_idle``: it fails while any ping transaction is in flight, and then we poll again),
    re-run the query with a fresh snapshot, and only if it still says idle, write idle or
-   waiting (which also puts the bookkeeping back).
+   waiting (which also puts the bookkeeping back), sent with ``COMMIT``.
 
 The worker's writes and the bookkeeping commit together or not at all; a failure rolls the
 iteration back and propagates to the loop, which records it.
@@ -42,6 +42,7 @@ from typing import Any
 import anyio
 
 from .. import observe, sql
+from ..connect import ResetWithCommit
 from ..drivers.base import Row, Session, WorkConnection
 from ..drivers.errors import sqlstate
 from ..errors import Superseded, TransactionAborted
@@ -92,23 +93,25 @@ def _begin_text(
 
 @lru_cache(maxsize=4096)
 def _commit_text(
-    schema: str, name: str, generation: int, unbook: bool, debounce: float
+    schema: str, name: str, generation: int, end: str, seconds: float, reset: str | None
 ) -> str | None:
-    parts = closing(name, generation, unbook=unbook, debounce=debounce)
+    parts = closing(name, generation, end, seconds)
     inlined = [sql.inline(query, schema, *args) for query, args in parts]
     if any(text is None for text in inlined):
         return None
-    return "; ".join([*inlined, "COMMIT"])  # type: ignore[list-item]
+    return "; ".join([*inlined, *([reset] if reset else []), "COMMIT"])  # type: ignore[list-item]
 
 
 def closing(
-    name: str, generation: int, *, unbook: bool, debounce: float
+    name: str, generation: int, end: str, seconds: float = 0.0
 ) -> list[tuple[str, tuple[object, ...]]]:
-    """The named queries (with arguments) an iteration sends with its ``COMMIT``."""
-    if unbook:
-        return [("unbook_batch", (name, generation))]
-    if debounce > 0:
-        return [("debounce", (name, generation, float(debounce)))]
+    """The named query (with arguments) an iteration sends with its ``COMMIT``: ``end`` is
+    ``unbook_batch`` (no batch), ``debounce`` (``seconds``), ``go_idle``, ``go_waiting``
+    (``seconds``), or empty (a batch, run again at once)."""
+    if end in ("unbook_batch", "go_idle"):
+        return [(end, (name, generation))]
+    if end in ("debounce", "go_waiting"):
+        return [(end, (name, generation, float(seconds)))]
     return []
 
 
@@ -120,6 +123,19 @@ def check_committed(tag: str, name: str) -> None:
             "statement in it failed and its error was caught inside a callable; let it "
             "propagate, or catch it inside `async with conn.transaction():` (a savepoint)"
         )
+
+
+def _ending(decision: Decision, processed: bool) -> tuple[str, float]:
+    """Which closing statement goes with the COMMIT (:func:`closing`)."""
+    if isinstance(decision, Sleep):  # confirmed idle under the wake lock
+        if decision.timeout is None:
+            return "go_idle", 0.0
+        return "go_waiting", float(decision.timeout)
+    if not processed:
+        return "unbook_batch", 0.0
+    if isinstance(decision, RunAgain) and decision.delay > 0:
+        return "debounce", decision.delay
+    return "", 0.0
 
 
 class CallableMissing(Exception):
@@ -172,17 +188,21 @@ class Transaction:
         stop_key: int,
         *,
         prepare: bool,
+        reset: ResetWithCommit | None = None,
     ) -> None:
         self.io = io
         self._schema = schema
         self._name, self._generation, self._stop_key = name, generation, stop_key
         self._prepare = prepare
+        self._reset = reset
         self._simple = False
         """Whether BEGIN went as our own text (so COMMIT may go the same way)."""
 
     async def begin(self, revision: int) -> bool:
         """Open the transaction and book a batch; False if the fence did not match."""
         io = self.io
+        if self._reset is not None:
+            self._reset.undone(io.server_session())  # in use again: its release resets it
         key = (self._schema, self._name, self._generation, revision, self._stop_key)
         text, prepared = None, False
         if io.sends_text:
@@ -237,21 +257,27 @@ class Transaction:
         args = (self._name, self._generation, revision, self._stop_key)
         return await self.io.execute("book_batch", *args) == "UPDATE 1"
 
-    async def commit(self, *, unbook: bool, debounce: float = 0.0) -> None:
-        """Commit; ``unbook`` when no batch was processed, ``debounce`` to delay the next run."""
-        text = None
+    async def commit(self, end: str = "", seconds: float = 0.0, *, leaving: bool = False) -> None:
+        """Commit, with the closing statement :func:`closing` names (one message); ``leaving``:
+        the connection goes back to the pool next, so its reset goes with the COMMIT too."""
+        text, reset = None, self._reset if leaving else None
         if self._simple:
-            text = _commit_text(self._schema, self._name, self._generation, unbook, debounce)
+            reset_text = None if reset is None else reset.text(self.io.raw)
+            text = _commit_text(
+                self._schema, self._name, self._generation, end, seconds, reset_text
+            )
+        else:
+            reset = None
         if text is not None:
             tag = await self.io.send(text)
         else:
-            for query, args in closing(
-                self._name, self._generation, unbook=unbook, debounce=debounce
-            ):
+            for query, args in closing(self._name, self._generation, end, seconds):
                 await self.io.execute(query, *args)
             tag = await self.io.commit()
         self.io.ended_as_text()
         check_committed(tag, self._name)
+        if reset is not None:
+            reset.done(self.io.server_session())
 
     async def rollback(self) -> None:
         """A no-op once the transaction is over."""
@@ -270,6 +296,9 @@ class Iteration:
     """The callables and config in force; the fence replaces them on a new revision."""
     prepare: bool = False
     """Keep ``book_batch`` prepared on each connection (not behind a transaction pooler)."""
+    reset: ResetWithCommit | None = None
+    """The pool's reset, to send with the COMMIT before the connection goes back (None: the
+    pool's release runs it)."""
     warned_empty: bool = False
     """Whether this loop has logged that its work query returned an empty batch."""
     items: int | None = None
@@ -282,7 +311,13 @@ class Iteration:
         (None: no cooldown polling, as in a tick's drain). Raises on failure, rolled back."""
         # READ COMMITTED whatever the server default: the go-idle re-read needs a fresh snapshot.
         tx = Transaction(
-            io, self.schema, self.name, self.generation, self.stop_key, prepare=self.prepare
+            io,
+            self.schema,
+            self.name,
+            self.generation,
+            self.stop_key,
+            prepare=self.prepare,
+            reset=self.reset,
         )
         booked = await tx.begin(self.loaded.revision)
         with outcome.collect() as pending:
@@ -319,9 +354,9 @@ class Iteration:
                     f"loop {self.name!r}: a callable ended the iteration's transaction (COMMIT "
                     "or ROLLBACK on the connection it was given); the loop commits it"
                 )
-            went = isinstance(decision, Sleep)  # go_idle / go_waiting already unbooked
-            debounce = decision.delay if isinstance(decision, RunAgain) and processed else 0.0
-            await tx.commit(unbook=not processed and not went, debounce=debounce)
+            # A sleep follows (the loop gives the connection back): reset it with the COMMIT.
+            leaving = isinstance(decision, Sleep) or decision.delay > 0
+            await tx.commit(*_ending(decision, processed), leaving=leaving)
         except BaseException:
             with anyio.move_on_after(CLEANUP_TIMEOUT, shield=True) as scope:
                 if not io.broken():
@@ -361,13 +396,7 @@ class Iteration:
         if isinstance(confirm, Work):
             log.debug("loop %r: work arrived while going idle", self.name)
             return await self._process(conn, confirm), True
-        final = decide.after_confirm(confirm)
-        if final.timeout is None:
-            await io.session.fetchval("go_idle", self.name, self.generation)
-        else:
-            await io.session.fetchval(
-                "go_waiting", self.name, self.generation, float(final.timeout)
-            )
+        final = decide.after_confirm(confirm)  # go_idle / go_waiting travel with the COMMIT
         log.debug("loop %r goes %s", self.name, final.state)
         return final, False
 

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import anyio
 
 from .. import observe
-from ..connect import server_id
+from ..connect import ResetWithCommit, server_id
 from ..drivers.base import LoopDriver, Row
 from ..drivers.errors import connection_lost, timed_out
 from ..errors import Superseded
@@ -74,6 +74,13 @@ class LoopContext:
     application_name: str | None = None
     """The host's, on every connection it opens: lets a loop end the server side of a
     connection it lost mid-statement, and only that (None: never try)."""
+    reset: ResetWithCommit | None = None
+    """The pool's reset-on-release, sent with a loop's last COMMIT before it sleeps."""
+    polls: anyio.Semaphore | None = None
+    """Bounds the cooldown polls running at once (None: no bound), so that when thousands of
+    loops cool down together, their polls (speculative: nothing was found last time, and a
+    ping on a cooling loop wakes it anyway) leave pool connections free for loops with work:
+    under such load a poll runs late rather than a first batch."""
     in_flight: dict[int, str | None] = field(default_factory=dict)
     """Server pids of connections inside an iteration, each with the server it is on
     (:func:`batchloop.connect.server_id`): if the host loses its session, these may be zombies
@@ -104,6 +111,16 @@ class NameLoop:
     cancelled."""
     batches: int = 0
     last_error: str | None = None
+    polling: bool = False
+    """The last iteration found no work within the cooldown: the loop sleeps only until its
+    next poll, and a ping may cut that short (:meth:`work_arrived`)."""
+    sleeping: bool = False
+    """Inside :meth:`_sleep` (only then does a poke cut anything short)."""
+    arrivals: int = 0
+    """'c' wake-ups received: a ping committed work while this loop was cooling."""
+    seen: int = 0
+    """``arrivals`` when the last iteration began: any beyond it came in after its query may
+    have taken its snapshot, so the loop must look again before it sleeps."""
     worked_at: float = 0.0
     """``anyio.current_time()`` of the last batch or wake, for the cooldown: set from the
     database's ``since_work`` at the claim and at every re-arm, then by our own batches."""
@@ -123,6 +140,7 @@ class NameLoop:
             self.stop_key,
             loaded,
             prepare=self.ctx.prepare,
+            reset=self.ctx.reset,
         )
 
     @property
@@ -152,6 +170,15 @@ class NameLoop:
         """Cut the current sleep short (a ping woke us, or the host is shutting down)."""
         self.poke.set()
 
+    def work_arrived(self) -> None:
+        """A ping committed work while this loop was cooling down: poll now, not at the next
+        poll. Only a poll is cut short; a debounce, a failure backoff or a waiting deadline
+        stands. If an iteration is running, its query may have missed the work (its snapshot
+        came first): the next poll then follows at once."""
+        self.arrivals += 1
+        if self.polling and self.sleeping:
+            self.poke.set()
+
     async def run(self) -> None:
         """Run until superseded, idle, stopped or cancelled; then release the name."""
         # Every log record made in this loop, the user's callables' included, is about it.
@@ -167,6 +194,10 @@ class NameLoop:
                 if delay > 0 and await self._sleep(delay):
                     if self.stopping:
                         break
+                    if self.polling and self.arrivals != self.seen:
+                        # The iteration's fence is the authority; no need to re-read the state.
+                        delay = 0.0
+                        continue
                     fresh = await self._rearm()
                     if fresh is None:
                         self.outcome = "stopped"
@@ -181,6 +212,8 @@ class NameLoop:
                     if decision.timeout is None or self.once:
                         break
                     delay = decision.timeout
+                elif self.polling and self.arrivals != self.seen:
+                    delay = 0.0  # work arrived during this iteration, perhaps after its query
                 else:
                     delay = decision.delay
             else:
@@ -193,11 +226,15 @@ class NameLoop:
 
     async def _sleep(self, delay: float) -> bool:
         """Sleep; True if poked before the delay ran out."""
-        with anyio.move_on_after(delay):
-            await self.poke.wait()
-            self.poke = anyio.Event()
-            return True
-        return False
+        self.sleeping = True
+        try:
+            with anyio.move_on_after(delay):
+                await self.poke.wait()
+                self.poke = anyio.Event()
+                return True
+            return False
+        finally:
+            self.sleeping = False
 
     async def _rearm(self) -> float | None:
         """After a poke: how long until we should run, per the database (None: give up)."""
@@ -262,6 +299,14 @@ class NameLoop:
             )
 
     async def _iterate(self) -> Decision:
+        polls = self.ctx.polls
+        if polls is not None and self.polling and self.arrivals == self.seen:
+            async with polls:
+                return await self._iterate_now()
+        return await self._iterate_now()
+
+    async def _iterate_now(self) -> Decision:
+        self.seen = self.arrivals
         if self._held is None:
             lease = self.ctx.pool.acquire()
             self._held = (lease, await lease.__aenter__())
@@ -288,6 +333,8 @@ class NameLoop:
                     await self._end_backend(pid, server)
             raise
         self.ctx.in_flight.pop(pid, None)
+        # Polling: no batch and not going to sleep; only then may a ping's 'c' cut a sleep short.
+        self.polling = not processed and not isinstance(decision, Sleep)
         if processed:
             self.failures = 0
             self.batches += 1

@@ -283,16 +283,39 @@ class Sessions:
             await control.close()
 
 
-async def heartbeat(control: Control, host_id: str, every: Callable[[], float]) -> None:
-    """Prove this host alive every ``every()`` seconds until the session is distrusted."""
+@dataclass(slots=True)
+class Shares:
+    """How the names spread over the live hosts, as the last heartbeat saw it."""
+
+    owned: Callable[[], int]
+    """How many names this host owns now."""
+    others: int = 0
+    """Other live hosts."""
+    others_owned: int = 0
+    """Names they own between them, as of their own last heartbeats."""
+
+
+async def heartbeat(
+    control: Control,
+    host_id: str,
+    every: Callable[[], float],
+    shares: Shares | None = None,
+) -> None:
+    """Prove this host alive every ``every()`` seconds until the session is distrusted; with
+    ``shares``, publish how many names it owns and learn the other hosts' counts."""
     while True:
         await anyio.sleep(every())
         try:
-            alive = await control.fetchval("heartbeat", host_id)
+            row = await control.fetchrow(
+                "heartbeat", host_id, 0 if shares is None else shares.owned()
+            )
         except Exception as exc:
             log.warning("host %s: heartbeat failed: %s", host_id, exc)
             control.fail()
             return
+        alive = None if row is None else row["host_id"]
+        if row is not None and shares is not None:
+            shares.others, shares.others_owned = row["others"], row["others_owned"]
         if alive is None:
             log.error("host %s was declared dead by another host; resetting", host_id)
             control.fail()

@@ -1,7 +1,8 @@
 """Wake-ups: the NOTIFY payload codec, and the dispatcher that hands each wake-up to its loop.
 
 Implements "Notifications and their loss" of :mod:`batchloop.protocol`, the receiving side:
-a wake-up for an owned name wakes (or stops) its loop, one for a name nobody here owns is
+a wake-up for an owned name wakes (or stops) its loop, a cooling one runs its polling loop at
+once (other hosts ignore it), one for a name nobody here owns is
 claimed (the notifications that arrived together in one ``claim_many``), and a dropped one is
 made up for by the monitor, which re-arms every owned loop after an overflow.
 """
@@ -22,8 +23,9 @@ from ..observe import logs as observe_logs
 from .claims import CLAIM_BATCH, Claims
 from .session import CurrentSession
 
-Kind = Literal["w", "s", "r"]
-"""wake (a ping found the name idle or waiting), stop, released (a host let the name go)."""
+Kind = Literal["w", "s", "r", "c"]
+"""wake (a ping found the name idle or waiting), stop, released (a host let the name go),
+cooling (a ping found the name running while its loop polls: only the owner acts on it)."""
 
 INBOX_SIZE = 10_000
 
@@ -47,7 +49,7 @@ def decode(payload: str) -> Wakeup | None:
     first two split the fields)."""
     kind, colon, rest = payload.partition(":")
     _lock_key, colon2, name = rest.partition(":")
-    if not (colon and colon2) or kind not in ("w", "s", "r"):
+    if not (colon and colon2) or kind not in ("w", "s", "r", "c"):
         return None
     return Wakeup(kind, name)  # type: ignore[arg-type]  # checked just above
 
@@ -87,7 +89,10 @@ class Dispatcher:
             wanted: list[str] = []
             for wakeup in filter(None, map(decode, payloads)):
                 loop = loops.get(wakeup.name)
-                if wakeup.kind == "s":
+                if wakeup.kind == "c":
+                    if loop is not None:  # another host's loop: nothing to claim
+                        loop.work_arrived()
+                elif wakeup.kind == "s":
                     if loop is not None:
                         loop.stopping = True
                         loop.wake()
@@ -95,6 +100,9 @@ class Dispatcher:
                     loop.wake()
                 elif wakeup.name not in self._claims.lacking_callables:
                     wanted.append(wakeup.name)
+            if wanted and (delay := self._claims.claim_delay()) > 0:
+                # Over an even share: let the other hosts claim first; what they leave, we take.
+                await anyio.sleep(delay)
             claimed = await self._claims.claim(wanted, handoff=True) if wanted else None
             if claimed is not None:
                 if observe.observers:

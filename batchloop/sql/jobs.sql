@@ -1,4 +1,4 @@
--- Named queries of batchloop.jobs (migrations/0006_jobs.sql). Every write to a running job is
+-- Named queries of batchloop.jobs (migrations/0007_jobs.sql). Every write to a running job is
 -- fenced by its attempt number: "status = 'running' AND attempts = <the attempt's>".
 -- "Final" statuses: completed, failed, canceled.
 
@@ -30,7 +30,7 @@ RETURNING id
 -- name: jobs_due
 -- The queue's work query. $1 queue, $2 the types this process runs, $3 concurrency.
 -- busy: live leases (they hold slots, wherever their handlers run), expiry_in: seconds to the
--- first lease's end; due: pending jobs whose
+-- first live lease's end; due: pending jobs whose
 -- run_at passed and expired leases, up to the free slots; ending: cancels to record (they take
 -- no slot). Types this process does not run are never leased here.
 WITH busy AS (
@@ -39,8 +39,8 @@ WITH busy AS (
 )
 SELECT busy.n AS busy,
        extract(epoch FROM (SELECT min(lease_until) FROM {schema}.jobs
-                            WHERE queue = $1 AND status = 'running') - now())::float8
-           AS expiry_in,
+                            WHERE queue = $1 AND status = 'running'
+                              AND lease_until > now()) - now())::float8 AS expiry_in,
        ARRAY(SELECT d.id FROM (
                 (SELECT id, run_at AS due_at FROM {schema}.jobs
                   WHERE queue = $1 AND status = 'pending' AND run_at <= now()
@@ -59,14 +59,14 @@ SELECT busy.n AS busy,
   FROM busy
 
 -- name: jobs_next
--- When nothing is due: seconds until the next run_at, lease expiry and retention sweep
+-- When nothing is due: seconds until the next run_at, live lease's end and retention sweep
 -- ($1 queue, $2 types this process runs, $3 retention in seconds); sweep: one is due now.
 SELECT extract(epoch FROM (SELECT min(run_at) FROM {schema}.jobs
                             WHERE queue = $1 AND status = 'pending'
                               AND type = ANY($2::text[])) - now())::float8 AS run_in,
        extract(epoch FROM (SELECT min(lease_until) FROM {schema}.jobs
-                            WHERE queue = $1 AND status = 'running') - now())::float8
-           AS expiry_in,
+                            WHERE queue = $1 AND status = 'running'
+                              AND lease_until > now()) - now())::float8 AS expiry_in,
        extract(epoch FROM (SELECT min(completed_at) FROM {schema}.jobs
                             WHERE queue = $1 AND status IN ('completed', 'failed', 'canceled'))
                           + make_interval(secs => $3::float8) - now())::float8 AS sweep_in
@@ -207,3 +207,9 @@ UPDATE {schema}.jobs
        progress = 0, result = NULL, lease_until = NULL, started_at = NULL, completed_at = NULL
  WHERE id = $1 AND status IN ('failed', 'canceled')
 RETURNING *
+
+-- name: jobs_counts
+-- Jobs per queue and status ($1 queue, NULL: every queue).
+SELECT queue, status, count(*)::bigint AS n FROM {schema}.jobs
+ WHERE $1::text IS NULL OR queue = $1::text
+ GROUP BY queue, status ORDER BY queue, status

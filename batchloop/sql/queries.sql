@@ -115,7 +115,15 @@ INSERT INTO {schema}.hosts (host_id, hostname, pid) VALUES ($1, $2, $3)
 ON CONFLICT (host_id) DO UPDATE SET heartbeat_at = now()
 
 -- name: heartbeat
-UPDATE {schema}.hosts SET heartbeat_at = now() WHERE host_id = $1 RETURNING host_id
+-- Also publishes how many names this host owns ($2) and reads the other live hosts' counts
+-- (as of their last heartbeats), for even shares: no statement of its own.
+UPDATE {schema}.hosts SET heartbeat_at = now(), owned = $2 WHERE host_id = $1
+RETURNING host_id,
+          (SELECT count(*)::int FROM {schema}.hosts h
+            WHERE h.host_id <> $1 AND h.heartbeat_at > now() - interval '10 seconds') AS others,
+          (SELECT coalesce(sum(h.owned), 0)::int FROM {schema}.hosts h
+            WHERE h.host_id <> $1 AND h.heartbeat_at > now() - interval '10 seconds')
+            AS others_owned
 
 -- name: orphans
 -- One query per monitor tick for all names. Returns running or due-waiting workers that this
@@ -201,14 +209,16 @@ SELECT w.status, s.revision
 -- follows sees what the lock holder committed.
 UPDATE {schema}.worker_state s
    SET batches = s.batches + 1, prev_work_at = s.last_work_at, last_work_at = now(),
-       consecutive_failures = 0, next_run_at = now()
+       consecutive_failures = 0, next_run_at = now(), cooling = false
   FROM {schema}.workers w
  WHERE w.name = s.name AND s.name = $1 AND s.generation = $2 AND s.revision = $3
    AND w.status = 'running' AND pg_try_advisory_xact_lock_shared($4)
 
 -- name: unbook_batch
+-- The query found no work (within the cooldown): the counters go back, and the loop is cooling,
+-- so that a ping tells its owner at once (migrations/0006).
 UPDATE {schema}.worker_state
-   SET batches = batches - 1, last_work_at = prev_work_at
+   SET batches = batches - 1, last_work_at = prev_work_at, cooling = true
  WHERE name = $1 AND generation = $2
 
 -- name: debounce

@@ -1,4 +1,4 @@
--- The batchloop schema after migration 0006 (jobs): what migrations/0001 to 0006 make,
+-- The batchloop schema after migration 0007 (jobs): what migrations/0001 to 0007 make,
 -- in one file, to read (tests/test_sql.py checks that both make the same catalog). A new
 -- migration changes this file too. `batchloop sql` prints it, wrapped as the runner applies a
 -- migration; `batchloop migrate` applies the migrations themselves.
@@ -37,7 +37,10 @@ CREATE TABLE worker_state (
     last_error_at         timestamptz,
     -- = workers.revision (kept equal by the trigger mirror_revision): an iteration's book_batch
     -- tests it on the row it locks, which PostgreSQL re-reads after waiting for that lock.
-    revision              bigint NOT NULL DEFAULT 1
+    revision              bigint NOT NULL DEFAULT 1,
+    -- True while the loop's last iteration found no work (it polls until its cooldown ends):
+    -- ping then NOTIFYs the owner ('c'), which runs the loop at once instead of at its next poll.
+    cooling               boolean NOT NULL DEFAULT false
 ) WITH (fillfactor = 50);
 
 -- One row per live Host process; heartbeat_at is refreshed about once a second.
@@ -46,7 +49,8 @@ CREATE TABLE hosts (
     hostname      text NOT NULL,
     pid           integer NOT NULL,
     started_at    timestamptz NOT NULL DEFAULT now(),
-    heartbeat_at  timestamptz NOT NULL DEFAULT now()
+    heartbeat_at  timestamptz NOT NULL DEFAULT now(),
+    owned         integer NOT NULL DEFAULT 0  -- names owned at the last heartbeat (even shares)
 ) WITH (fillfactor = 50);
 
 -- lock_key() and channel() have the schema's name written in as a literal: a SQL function with
@@ -142,6 +146,13 @@ BEGIN
             RETURN 'woken';
         END IF;
         -- Someone else woke or stopped it meanwhile; fall through to the plain update.
+    END IF;
+
+    -- A running loop that is cooling down (its last iteration found no work, and it polls)
+    -- is told at once, rather than at its next poll: only its owner acts on 'c' (see protocol.py,
+    -- "Warm wake-ups"). A draining loop (cooling false) gets nothing: no write, no lock, no NOTIFY.
+    IF w.status = 'running' AND (SELECT s.cooling FROM worker_state s WHERE s.name = p_name) THEN
+        PERFORM pg_notify(channel(), 'c::' || p_name);
     END IF;
 
     IF changed THEN
@@ -370,9 +381,9 @@ CREATE TRIGGER mirror_revision
     FOR EACH ROW WHEN (NEW.revision IS DISTINCT FROM OLD.revision)
     EXECUTE FUNCTION mirror_revision();
 
--- batchloop.jobs: one row per job (migration 0006).
+-- batchloop.jobs: one row per job (migration 0007).
 CREATE TABLE jobs (
-    id               bigserial PRIMARY KEY,
+    id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,  -- no sequence grant needed
     type             text NOT NULL CHECK (char_length(type) BETWEEN 1 AND 200),
     queue            text NOT NULL CHECK (char_length(queue) BETWEEN 1 AND 195),
     status           text NOT NULL DEFAULT 'pending'

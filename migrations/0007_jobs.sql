@@ -1,9 +1,9 @@
--- batchloop schema, version 6: jobs (batchloop.jobs). One row per job; the loop of its queue
+-- batchloop schema, version 7: jobs (batchloop.jobs). One row per job; the loop of its queue
 -- (the batchloop name 'jobs:<queue>') leases due rows in its iteration transaction, the owning
 -- host runs the handlers outside any transaction, and their completions are fenced by the
 -- attempt number, so a stale attempt (its lease lost) cannot overwrite a newer one.
 CREATE TABLE jobs (
-    id               bigserial PRIMARY KEY,
+    id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,  -- no sequence grant needed
     type             text NOT NULL CHECK (char_length(type) BETWEEN 1 AND 200),
     queue            text NOT NULL CHECK (char_length(queue) BETWEEN 1 AND 195),
     status           text NOT NULL DEFAULT 'pending'
