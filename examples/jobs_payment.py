@@ -1,6 +1,6 @@
 """An idempotent payment-style job: retries (and a host dying mid-charge) never charge twice.
 
-    pip install 'batchloop[web]' fastapi
+    pip install 'batchloop[fastapi]'
     BATCHLOOP_DSN=postgresql://user@localhost/mydb uvicorn --app-dir examples jobs_payment:app
 
     curl -X POST localhost:8000/orders -H 'content-type: application/json' \\
@@ -38,9 +38,10 @@ from typing import Any
 
 import asyncpg
 import pydantic
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException
 
 import batchloop as bl
+import batchloop.fastapi as blf
 import batchloop.jobs as jobs
 
 DSN = os.environ.get("BATCHLOOP_DSN") or os.environ.get("DATABASE_URL")
@@ -109,7 +110,7 @@ async def record_outcome(conn: Any, run: jobs.JobRun) -> None:
 async def charge(ctx: jobs.JobContext, payload: Charge) -> dict[str, str]:
     if payload.amount_cents > CARD_LIMIT_CENTS:
         raise jobs.NonRetryable(f"card declined: {payload.amount_cents} cents is over the limit")
-    async with app.state.pool.acquire() as conn:
+    async with pool().acquire() as conn:
         # The same key on every attempt: the job's own key, never anything per attempt.
         charge_id = await provider_charge(
             conn, f"charge:{payload.order_id}", payload.amount_cents, payload.timeouts_after_charge
@@ -119,14 +120,21 @@ async def charge(ctx: jobs.JobContext, payload: Charge) -> dict[str, str]:
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    await bl.migrate(DSN)  # an example's convenience; deploys run `batchloop migrate` once
-    app.state.pool = await asyncpg.create_pool(DSN, min_size=1, max_size=5)
+    """Migrate and create the tables (an example's convenience: deploys run ``batchloop
+    migrate`` once), then run a Host for the app's lifetime (``app.state.batchloop``)."""
+    await bl.migrate(DSN)
+    conn = await asyncpg.connect(DSN)
     try:
-        await app.state.pool.execute(TABLES)
-        async with bl.Host(DSN, modules=[__name__]):
-            yield
+        await conn.execute(TABLES)
     finally:
-        await app.state.pool.close()
+        await conn.close()
+    async with blf.lifespan(DSN, modules=[__name__])(app):
+        yield
+
+
+def pool() -> Any:
+    """The host's pool: the handlers' connections too (they run in this process)."""
+    return app.state.batchloop.pool
 
 
 app = FastAPI(lifespan=lifespan)
@@ -141,17 +149,17 @@ class Pay(pydantic.BaseModel):
 
 
 @app.post("/orders", status_code=201)
-async def new_order(body: NewOrder, request: Request) -> dict[str, Any]:
-    order_id = await request.app.state.pool.fetchval(
+async def new_order(body: NewOrder) -> dict[str, Any]:
+    order_id = await pool().fetchval(
         "INSERT INTO orders (amount_cents) VALUES ($1) RETURNING id", body.amount_cents
     )
     return {"id": order_id}
 
 
 @app.post("/orders/{order_id}/pay", status_code=202)
-async def pay(order_id: int, request: Request, body: Pay | None = None) -> dict[str, Any]:
+async def pay(order_id: int, body: Pay | None = None) -> dict[str, Any]:
     body = body or Pay()
-    async with request.app.state.pool.acquire() as conn, conn.transaction():
+    async with pool().acquire() as conn, conn.transaction():
         amount = await conn.fetchval(
             "SELECT amount_cents FROM orders WHERE id = $1 FOR UPDATE", order_id
         )
@@ -174,8 +182,8 @@ async def pay(order_id: int, request: Request, body: Pay | None = None) -> dict[
 
 
 @app.get("/orders/{order_id}")
-async def order(order_id: int, request: Request) -> dict[str, Any]:
-    async with request.app.state.pool.acquire() as conn:
+async def order(order_id: int) -> dict[str, Any]:
+    async with pool().acquire() as conn:
         row = await conn.fetchrow("SELECT * FROM orders WHERE id = $1", order_id)
         if row is None:
             raise HTTPException(404, detail=f"no order {order_id}")

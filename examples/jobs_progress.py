@@ -1,6 +1,6 @@
 """A report job that reports its progress, a client polling it, and cancel from another request.
 
-    pip install 'batchloop[web]' fastapi
+    pip install 'batchloop[fastapi]'
     BATCHLOOP_DSN=postgresql://user@localhost/mydb uvicorn --app-dir examples jobs_progress:app
 
     curl -X POST localhost:8000/reports -H 'content-type: application/json' -d '{"rows": 50}'
@@ -21,11 +21,11 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
-import asyncpg
 import pydantic
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException
 
 import batchloop as bl
+import batchloop.fastapi as blf
 import batchloop.jobs as jobs
 
 DSN = os.environ.get("BATCHLOOP_DSN") or os.environ.get("DATABASE_URL")
@@ -52,13 +52,16 @@ async def build_report(ctx: jobs.JobContext, payload: ReportRequest) -> dict[str
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    await bl.migrate(DSN)  # an example's convenience; deploys run `batchloop migrate` once
-    app.state.pool = await asyncpg.create_pool(DSN, min_size=1, max_size=5)
-    try:
-        async with bl.Host(DSN, modules=[__name__]):
-            yield
-    finally:
-        await app.state.pool.close()
+    """Migrate and create the tables (an example's convenience: deploys run ``batchloop
+    migrate`` once), then run a Host for the app's lifetime (``app.state.batchloop``)."""
+    await bl.migrate(DSN)
+    async with blf.lifespan(DSN, modules=[__name__])(app):
+        yield
+
+
+def pool() -> Any:
+    """The host's pool: the handlers' connections too (they run in this process)."""
+    return app.state.batchloop.pool
 
 
 app = FastAPI(lifespan=lifespan)
@@ -79,15 +82,14 @@ def _view(run: jobs.JobRun) -> dict[str, Any]:
 
 
 @app.post("/reports", status_code=202)
-async def start_report(body: ReportRequest, request: Request) -> dict[str, Any]:
-    async with request.app.state.pool.acquire() as conn, conn.transaction():
-        job_id = await build_report.dispatch(conn, body)
+async def start_report(body: ReportRequest, conn: blf.Transaction) -> dict[str, Any]:
+    job_id = await build_report.dispatch(conn, body)  # exists once the request commits
     return {"id": job_id, "poll": f"/reports/{job_id}"}
 
 
 @app.get("/reports/{job_id}")
-async def report(job_id: int, request: Request) -> dict[str, Any]:
-    async with request.app.state.pool.acquire() as conn:
+async def report(job_id: int) -> dict[str, Any]:
+    async with pool().acquire() as conn:
         run = await jobs.get(conn, job_id)
     if run is None or run.type != "reports.build":
         raise HTTPException(404, detail=f"no report {job_id}")
@@ -95,8 +97,8 @@ async def report(job_id: int, request: Request) -> dict[str, Any]:
 
 
 @app.post("/reports/{job_id}/cancel")
-async def cancel_report(job_id: int, request: Request) -> dict[str, Any]:
-    async with request.app.state.pool.acquire() as conn:
+async def cancel_report(job_id: int) -> dict[str, Any]:
+    async with pool().acquire() as conn:
         run = await jobs.get(conn, job_id)
         if run is None or run.type != "reports.build":
             raise HTTPException(404, detail=f"no report {job_id}")

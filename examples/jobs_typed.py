@@ -1,6 +1,6 @@
 """Typed jobs dispatched from a FastAPI endpoint, inside the request's own transaction.
 
-    pip install 'batchloop[web]' fastapi
+    pip install 'batchloop[fastapi]'
     BATCHLOOP_DSN=postgresql://user@localhost/mydb uvicorn --app-dir examples jobs_typed:app
 
     curl -X POST localhost:8000/signup -H 'content-type: application/json' \\
@@ -21,13 +21,14 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Any
 
 import asyncpg
 import pydantic
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException
 
 import batchloop as bl
+import batchloop.fastapi as blf
 import batchloop.jobs as jobs
 
 DSN = os.environ.get("BATCHLOOP_DSN") or os.environ.get("DATABASE_URL")
@@ -61,7 +62,7 @@ class Thumbnail(pydantic.BaseModel):
 async def send_welcome_email(ctx: jobs.JobContext, payload: WelcomeEmail) -> dict[str, Any]:
     # A real handler calls an email service here: outside any transaction, so a slow provider
     # holds no database lock. The outbox row stands in for that call.
-    async with app.state.pool.acquire() as conn:
+    async with pool().acquire() as conn:
         sent = await conn.fetchval(
             "INSERT INTO outbox (kind, body) VALUES ('welcome', $1::jsonb) RETURNING id",
             payload.model_dump_json(),
@@ -72,7 +73,7 @@ async def send_welcome_email(ctx: jobs.JobContext, payload: WelcomeEmail) -> dic
 @jobs.job("signup.refresh_stats", queue="maintenance", max_attempts=3, concurrency=1)
 async def refresh_stats(ctx: jobs.JobContext, payload: list[int]) -> dict[str, int]:
     """The payload is the new users' ids: any type pydantic validates is a job's contract."""
-    async with app.state.pool.acquire() as conn:
+    async with pool().acquire() as conn:
         users = await conn.fetchval(
             "INSERT INTO user_stats (id, users) SELECT 1, count(*) FROM users"
             " ON CONFLICT (id) DO UPDATE SET users = excluded.users RETURNING users"
@@ -91,27 +92,30 @@ async def make_thumbnail(ctx: jobs.JobContext, payload: Thumbnail) -> dict[str, 
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    await bl.migrate(DSN)  # an example's convenience; deploys run `batchloop migrate` once
-    app.state.pool = await asyncpg.create_pool(DSN, min_size=1, max_size=5)
+    """Migrate and create the tables (an example's convenience: deploys run ``batchloop
+    migrate`` once), then run a Host for the app's lifetime (``app.state.batchloop``)."""
+    await bl.migrate(DSN)
+    conn = await asyncpg.connect(DSN)
     try:
-        await app.state.pool.execute(TABLES)
-        async with bl.Host(DSN, modules=[__name__]):
-            yield
+        await conn.execute(TABLES)
     finally:
-        await app.state.pool.close()
+        await conn.close()
+    async with blf.lifespan(DSN, modules=[__name__])(app):
+        yield
+
+
+def pool() -> Any:
+    """The host's pool: the handlers' connections too (they run in this process)."""
+    return app.state.batchloop.pool
 
 
 app = FastAPI(lifespan=lifespan)
 
 
-async def transaction(request: Request) -> AsyncIterator[asyncpg.Connection]:
-    """The request's connection in a transaction: committed after the endpoint returns (and
-    before the response is sent), rolled back when it raises."""
-    async with request.app.state.pool.acquire() as conn, conn.transaction():
-        yield conn
-
-
-Tx = Annotated[asyncpg.Connection, Depends(transaction)]
+# ``conn: blf.Transaction``: a connection of the host's pool in a transaction that commits
+# after the endpoint returns and before the response is sent (rolled back when it raises), so a
+# 201 means the user and its jobs exist.
+Tx = blf.Transaction
 
 
 class Signup(pydantic.BaseModel):
@@ -151,8 +155,8 @@ async def signup(body: Signup, conn: Tx) -> dict[str, Any]:
 
 
 @app.get("/jobs/{job_id}")
-async def job(job_id: int, request: Request) -> dict[str, Any]:
-    async with request.app.state.pool.acquire() as conn:
+async def job(job_id: int) -> dict[str, Any]:
+    async with pool().acquire() as conn:
         run = await jobs.get(conn, job_id)
     if run is None:
         raise HTTPException(404, detail=f"no job {job_id}")

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from web_support import free_port
 
-pytest.importorskip("fastapi", reason="the examples need fastapi (in the dev extra)")
-pytest.importorskip("uvicorn", reason="the examples need uvicorn (the 'web' extra)")
+pytest.importorskip("fastapi", reason="the examples need the fastapi extra")
+pytest.importorskip("uvicorn", reason="the examples need the fastapi extra (uvicorn)")
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
