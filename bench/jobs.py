@@ -266,7 +266,7 @@ async def trial_latency(
             host.stdin.close()
         try:
             await asyncio.wait_for(host.wait(), 20)
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # one class from 3.11 on
             host.kill()
             await host.wait()
     return {

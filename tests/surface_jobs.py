@@ -33,7 +33,8 @@ async def greet(ctx: jobs.JobContext, payload: Greeting) -> dict[str, str]:
 
 @jobs.job("surf.boom", queue=QUEUE, max_attempts=3)
 async def boom(ctx: jobs.JobContext, payload: Number) -> None:
-    raise jobs.NonRetryable(f"boom {payload.n}: no such account")
+    # With a terminal escape in it: the CLI must show it escaped, never send it.
+    raise jobs.NonRetryable(f"boom {payload.n}: no such account \x1b[2J")
 
 
 @jobs.job("surf.count", queue=OTHER_QUEUE, max_attempts=2)

@@ -194,6 +194,7 @@ async def test_final_states_show_result_and_error(migrated_dsn: str) -> None:
     proc = await cli("jobs", "show", str(bad), dsn_env(migrated_dsn))
     assert proc.returncode == 0
     assert "failed" in proc.stdout and "boom 41: no such account" in proc.stdout
+    assert "\x1b" not in proc.stdout and "\\x1b[2J" in proc.stdout  # escaped, not sent
     proc = await cli("jobs", "list", "--status", "failed", dsn_env(migrated_dsn))
     rows = proc.stdout.strip().splitlines()[1:]
     assert [int(r.split()[0]) for r in rows] == [bad]
