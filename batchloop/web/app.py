@@ -18,6 +18,7 @@ import asyncpg
 
 import batchloop
 
+from ..errors import SchemaMissingError
 from ..schema_name import DEFAULT_SCHEMA, check_schema
 from .queues import queue_counts
 
@@ -95,7 +96,7 @@ def create_app(
         async with state["pool"].acquire() as conn:
             try:
                 found = await queue_counts(conn, schema=schema)
-            except asyncpg.UndefinedTableError:
+            except SchemaMissingError:
                 return JSONResponse(
                     {"error": "no jobs table in this schema: run `batchloop migrate`"},
                     status_code=503,

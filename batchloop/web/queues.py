@@ -1,7 +1,7 @@
 """Job queues counted by status, for the status page (``/api/queues``).
 
-One ``GROUP BY`` over the jobs table, so the page costs the same however many jobs there are
-in a status; finished jobs are few anyway (retention deletes them).
+:func:`batchloop.jobs.queue_counts` is one ``GROUP BY`` over the jobs table, so the page costs
+the same however many jobs there are; finished jobs are few anyway (retention deletes them).
 """
 
 from __future__ import annotations
@@ -10,9 +10,7 @@ from typing import Any
 
 import pydantic
 
-from ..schema_name import DEFAULT_SCHEMA, quote_schema
-
-STATUSES = ("pending", "running", "completed", "failed", "canceled")
+from ..schema_name import DEFAULT_SCHEMA
 
 
 class QueueCounts(pydantic.BaseModel):
@@ -24,15 +22,8 @@ class QueueCounts(pydantic.BaseModel):
 
 
 async def queue_counts(conn: Any, *, schema: str = DEFAULT_SCHEMA) -> list[QueueCounts]:
-    """Every queue that has jobs, sorted by name (``conn``: an asyncpg connection)."""
-    rows = await conn.fetch(
-        f"SELECT queue, status, count(*) AS n FROM {quote_schema(schema)}.jobs"
-        " GROUP BY queue, status"
-    )
-    by_queue: dict[str, dict[str, int]] = {}
-    for row in rows:
-        counts = by_queue.setdefault(row["queue"], dict.fromkeys(STATUSES, 0))
-        counts[str(row["status"])] = int(row["n"])
-    return [
-        QueueCounts(queue=q, counts=c, total=sum(c.values())) for q, c in sorted(by_queue.items())
-    ]
+    """Every queue that has jobs, sorted by name."""
+    from .. import jobs
+
+    found = await jobs.queue_counts(conn, schema=schema)
+    return [QueueCounts(queue=q, counts=c, total=sum(c.values())) for q, c in sorted(found.items())]
