@@ -142,3 +142,10 @@ async def odd(ctx: jobs.JobContext, payload: Item) -> dict[str, Any]:
     if payload.n == 2:
         return {"x": 10**200000}  # JSON, but beyond PostgreSQL's numeric
     return {"n": payload.n}
+
+
+@jobs.job("t.long", queue="long", lease=0.6, on_complete=record)
+async def long(ctx: jobs.JobContext, payload: Item) -> dict[str, Any]:
+    STARTED.append((payload.n, ctx.attempt))
+    await asyncio.sleep(payload.sleep)  # the work: several leases long
+    return {"attempt": ctx.attempt}

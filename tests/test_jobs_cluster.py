@@ -163,3 +163,25 @@ async def test_a_host_without_the_queues_job_types_leaves_the_queue_alone(
     finally:
         proc.kill()
         proc.wait(10)
+
+
+async def test_jobs_finish_once_each_when_the_hosts_connections_are_cut_mid_run(
+    conn: asyncpg.Connection, migrated_dsn: str
+) -> None:
+    items = [jobs_core.Item(n=n, sleep=0.1) for n in range(60)]  # 10 at a time: 0.6 s
+    ids = await jobs_core.echo.dispatch_many(conn, items)
+    done = "SELECT count(*) FROM batchloop.jobs WHERE id = ANY($1) AND status = 'completed'"
+    async with bl.Host(migrated_dsn, modules=["jobs_core"]) as host:
+        await wait_for(lambda: conn.fetchval(done, ids), expect=lambda n: n >= 10)
+        # Every backend of the host (pool and control): flushes, leases and the loop fail.
+        cut = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = $1",
+            host.application_name,
+        )
+        assert cut >= 2
+        assert await conn.fetchval(done, ids) < len(ids)  # mid-run
+        await wait_for(lambda: conn.fetchval(done, ids), expect=len(ids), timeout=30)
+    rows = await conn.fetch("SELECT job_id, count(*) AS n FROM completions GROUP BY job_id")
+    assert sorted(r["job_id"] for r in rows) == sorted(ids)
+    assert {r["n"] for r in rows} == {1}  # on_complete once per job, whatever was cut

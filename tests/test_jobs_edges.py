@@ -3,6 +3,7 @@ raising, handlers returning what cannot be stored, a host without the queue's ty
 
 from __future__ import annotations
 
+import datetime
 import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
@@ -311,3 +312,68 @@ async def test_an_application_role_with_the_documented_grants_runs_jobs(
         )
         await conn.execute(f'DROP OWNED BY "{role}"')
         await conn.execute(f'DROP ROLE "{role}"')
+
+
+async def test_the_lease_is_extended_while_the_handler_runs(
+    conn: asyncpg.Connection, migrated_dsn: str
+) -> None:
+    async with bl.Host(migrated_dsn, modules=["jobs_core"]):
+        job_id = await jobs_core.long.dispatch(conn, jobs_core.Item(n=1, sleep=2.0))
+        first = await wait_for(lambda: jobs.get(conn, job_id), expect=lambda r: r.lease_until)
+        later = await wait_for(
+            lambda: jobs.get(conn, job_id),
+            expect=lambda r: r.status != "running" or r.lease_until > first.lease_until,
+        )
+        assert later.status == "running"  # extended before it ended
+        await wait_for(lambda: _status(conn, job_id), expect="completed")
+    run = await jobs.get(conn, job_id)
+    assert run is not None and run.attempts == 1 and run.result == {"attempt": 1}
+    assert jobs_core.STARTED == [(1, 1)]  # three leases long, never run twice
+
+
+@pytest.mark.batchloop_modules("jobs_core")
+async def test_the_testing_kits_host_runs_jobs(batchloop_dsn: str, batchloop_host: bl.Host) -> None:
+    async with batchloop_host.pool.acquire() as c:
+        async with c.transaction():
+            job_id = await jobs_core.later.dispatch(c, jobs_core.Later(x=1))
+        await wait_for(lambda: _status(c, job_id), expect="completed")
+
+
+async def test_a_host_with_a_single_pool_connection_still_runs_its_jobs(
+    conn: asyncpg.Connection, migrated_dsn: str
+) -> None:
+    ids = await jobs_core.echo.dispatch_many(conn, [jobs_core.Item(n=n) for n in range(30)])
+    async with bl.Host(migrated_dsn, modules=["jobs_core"], pool_min_size=1, pool_max_size=1):
+        await wait_for(
+            lambda: conn.fetchval(
+                "SELECT count(*) FROM batchloop.jobs WHERE id = ANY($1) AND status = 'completed'",
+                ids,
+            ),
+            expect=len(ids),
+            timeout=30,
+        )
+    assert await conn.fetchval("SELECT count(*) FROM completions") == len(ids)
+
+
+async def test_a_lease_whose_commit_went_unanswered_starts_what_committed(
+    conn: asyncpg.Connection, migrated_dsn: str
+) -> None:
+    from batchloop.jobs.runner import runtime_of
+
+    lease = (
+        "UPDATE batchloop.jobs SET status = 'running', attempts = attempts + 1,"
+        " started_at = now(), lease_until = now() + interval '1 hour' WHERE id = $1 RETURNING *"
+    )
+    async with bl.Host(migrated_dsn, modules=["jobs_core"]) as host:
+        # Delayed: the loop leaves them alone; this test leases them itself.
+        committed = await jobs_core.echo.dispatch(conn, jobs_core.Item(n=1), delay=3600)
+        rolled_back = await jobs_core.echo.dispatch(conn, jobs_core.Item(n=2), delay=3600)
+        row = dict(await conn.fetchrow(lease, committed))
+        # As if the loop's lease of rolled_back had been rolled back and the job leased again
+        # by someone else since: same attempt number, another transaction.
+        other = dict(await conn.fetchrow(lease, rolled_back))
+        other["started_at"] -= datetime.timedelta(seconds=1)
+        runtime_of(host).verify([row, other])
+        await wait_for(lambda: _status(conn, committed), expect="completed")
+        assert jobs_core.STARTED == [(1, 1)]
+    assert await _status(conn, rolled_back) == "running"  # not ours: never started here

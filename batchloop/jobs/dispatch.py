@@ -1,5 +1,6 @@
-"""Creating jobs in the caller's transaction: validate first, then one INSERT, then wake the
-queue's loop (a ping in the same transaction: it sees the job once that commits)."""
+"""Creating jobs in the caller's transaction: validate first, then one statement that inserts
+and pings the queue's loop (the ping is in the same transaction: the loop sees the job once
+that commits; free while the loop runs)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 from ..drivers import session_for
 from ..schema_name import check_schema
-from .queue import wake_queue
+from .queue import ping_of
 from .registry import JobSpec
 
 KEY_MAX = 1000
@@ -54,15 +55,19 @@ async def dispatch(
 ) -> int:
     text = encode(spec, payload)
     when, seconds = _when(delay, run_at)
-    if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= KEY_MAX):
-        raise ValueError(f"key must be a string of 1 to {KEY_MAX} characters, got {key!r}")
+    if key is not None and (
+        not isinstance(key, str) or not 1 <= len(key) <= KEY_MAX or "\x00" in key
+    ):
+        raise ValueError(
+            f"key must be a string of 1 to {KEY_MAX} characters without NUL, got {key!r}"
+        )
     check_schema(schema)
     args = (spec.type, spec.queue, text, key, spec.max_attempts, spec.lease, when, seconds)
+    wake = ping_of(spec.queue)
     async with session_for(conn, schema) as s:
         for _ in range(INSERT_TRIES):
-            job_id = await s.fetchval("jobs_insert", *args, spec.on_complete is not None)
+            job_id = await s.fetchval("jobs_insert", *args, spec.on_complete is not None, *wake)
             if job_id is not None:
-                await wake_queue(s.raw, spec.queue, schema)
                 return int(job_id)
             # The key is taken (the INSERT waited for an uncommitted first dispatch to end).
             existing = await s.fetchval("jobs_by_key", spec.type, key)
@@ -97,7 +102,7 @@ async def dispatch_many(
             when,
             seconds,
             spec.on_complete is not None,
+            *ping_of(spec.queue),
         )
-        await wake_queue(s.raw, spec.queue, schema)
     # nextval() ran in the payloads' order, so sorted ids are in that order.
     return sorted(int(row["id"]) for row in rows)

@@ -148,7 +148,11 @@ async def lease_jobs(conn: Any, batch: Due) -> bl.Debounce | None:
                     # More to go: look again at the next iteration.
                     _sweep_checked.pop((host.host_id, batch.queue), None)
     if started:
-        on_outcome(lambda committed: runtime.start(started) if committed else None)
+        # Not committed may also mean "outcome unknown" (the connection broke during COMMIT):
+        # the runner then looks the lease up and starts what did commit.
+        on_outcome(
+            lambda committed: runtime.start(started) if committed else runtime.verify(started)
+        )
     if batch.ids and not rows:
         return bl.Debounce(BLOCKED_PAUSE)
     return None

@@ -44,6 +44,8 @@ RETRY_CAP = 300.0
 ERROR_MAX = 4000
 EXTEND_TICK_MAX = 1.0
 RECORD_RETRY_MAX = 5.0
+KEEP_CONNECTION = 0.05
+"""How long the flusher keeps its pool connection with nothing to record (seconds)."""
 
 
 def backoff(attempt: int, jitter: float) -> float:
@@ -173,6 +175,7 @@ class Runtime:
         self._flusher: asyncio.Task[None] | None = None
         self._extender: asyncio.Task[None] | None = None
         self._held: tuple[contextlib.AbstractAsyncContextManager[Any], Any] | None = None
+        self._verifying: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ handlers
 
@@ -198,6 +201,41 @@ class Runtime:
             )
             self.attempts[attempt.id, attempt.attempt] = attempt
             attempt.task = asyncio.create_task(self._run(attempt))
+
+    def verify(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """The lease of ``rows`` did not commit, or its outcome is unknown: start the
+        handlers of whatever it did commit (nothing, after a plain rollback)."""
+        task = asyncio.create_task(self._verify(rows), name="batchloop-jobs-verify")
+        self._verifying.add(task)
+        task.add_done_callback(self._verifying.discard)
+
+    async def _verify(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        # Until the lease would have expired anyway: after that the job is due again.
+        deadline = time.monotonic() + min(float(r["lease_seconds"]) for r in rows)
+        pause = 0.05
+        while True:
+            try:
+                async with self.host.lend() as conn, session_for(conn, self.schema) as s:
+                    found = await s.fetch(
+                        "jobs_leased",
+                        [r["id"] for r in rows],
+                        [r["attempts"] for r in rows],
+                        [r["started_at"] for r in rows],
+                    )
+                break
+            except Exception as exc:
+                if time.monotonic() + pause >= deadline or self.closing:
+                    log.warning("jobs: cannot tell whether a lease committed (%s)", exc)
+                    return
+                await asyncio.sleep(pause)
+                pause = min(1.0, pause * 2)
+        ours = {row["id"] for row in found}
+        if ours and not self.closing:
+            log.warning(
+                "jobs: a lease's COMMIT went unanswered but committed; starting %d jobs",
+                len(ours),
+            )
+            self.start([row for row in rows if row["id"] in ours])
 
     async def _run(self, a: Attempt) -> None:
         try:
@@ -243,6 +281,13 @@ class Runtime:
 
     async def _flush_forever(self) -> None:
         while True:
+            if self._held is not None and not self._have.is_set():
+                # Idle a moment: the connection goes back, so even a pool of one connection
+                # is never kept from the loops.
+                try:
+                    await asyncio.wait_for(self._have.wait(), KEEP_CONNECTION)
+                except asyncio.TimeoutError:
+                    await self._drop_connection()
             await self._have.wait()
             self._have.clear()
             # Let the handlers already scheduled finish too: they join this flush.
@@ -297,7 +342,8 @@ class Runtime:
         await self._record_with_retries([Completion(one.attempt, "fail", error=error)])
 
     async def _connection(self) -> Any:
-        """The flusher's own pool connection, kept: no pool round trip per flush."""
+        """The flusher's pool connection, kept while completions keep coming: no pool round
+        trip per flush."""
         if self._held is None:
             lease = self.host.lend()
             self._held = (lease, await lease.__aenter__())
@@ -442,6 +488,7 @@ class Runtime:
                 log.warning("jobs: handed back %d unfinished jobs at shutdown", len(given_up))
         finally:
             helpers = [t for t in (self._flusher, self._extender) if t is not None]
+            helpers += self._verifying
             for helper in helpers:
                 helper.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)

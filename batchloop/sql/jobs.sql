@@ -5,27 +5,40 @@
 -- name: jobs_insert
 -- $1 type, $2 queue, $3 payload (JSON text), $4 key, $5 max_attempts, $6 lease (s),
 -- $7 run_at (NULL: now() + $8 seconds), $9 whether the type has an on_complete.
--- A key already taken makes this return no row (after waiting for an uncommitted first insert).
-INSERT INTO {schema}.jobs (type, queue, payload, key, max_attempts, lease_seconds, run_at,
-                           on_complete)
-VALUES ($1, $2, $3::text::jsonb, $4::text, $5::integer, $6::float8,
-        coalesce($7::timestamptz, now() + make_interval(secs => $8::float8)), $9::boolean)
-ON CONFLICT (type, key) WHERE key IS NOT NULL DO NOTHING
-RETURNING id
+-- $10..$15: the ping of the queue's loop (see ping in queries.sql), in the same statement:
+-- one round trip per dispatch. A key already taken makes this return no row (after waiting for
+-- an uncommitted first insert), and pings nothing.
+WITH ins AS (
+    INSERT INTO {schema}.jobs (type, queue, payload, key, max_attempts, lease_seconds, run_at,
+                               on_complete)
+    VALUES ($1, $2, $3::text::jsonb, $4::text, $5::integer, $6::float8,
+            coalesce($7::timestamptz, now() + make_interval(secs => $8::float8)), $9::boolean)
+    ON CONFLICT (type, key) WHERE key IS NOT NULL DO NOTHING
+    RETURNING id
+)
+SELECT ins.id,
+       (SELECT {schema}.ping($10, $11, $12, $13::jsonb, $14::jsonb, $15::integer)) AS pinged
+  FROM ins
 
 -- name: jobs_by_key
 SELECT id FROM {schema}.jobs WHERE type = $1 AND key = $2::text
 
 -- name: jobs_insert_many
 -- $1 type, $2 queue, $3 payloads (JSON texts), $4 max_attempts, $5 lease, $6 run_at, $7 delay,
--- $8 on_complete. Ids come back in the payloads' order (nextval runs in that order).
-INSERT INTO {schema}.jobs (type, queue, payload, max_attempts, lease_seconds, run_at,
-                           on_complete)
-SELECT $1, $2, u.p::jsonb, $4::integer, $5::float8,
-       coalesce($6::timestamptz, now() + make_interval(secs => $7::float8)), $8::boolean
-  FROM unnest($3::text[]) WITH ORDINALITY AS u(p, n)
- ORDER BY u.n
-RETURNING id
+-- $8 on_complete; $9..$14 the queue's ping, as in jobs_insert. Ids come back in the payloads'
+-- order (the identity's sequence runs in that order).
+WITH ins AS (
+    INSERT INTO {schema}.jobs (type, queue, payload, max_attempts, lease_seconds, run_at,
+                               on_complete)
+    SELECT $1, $2, u.p::jsonb, $4::integer, $5::float8,
+           coalesce($6::timestamptz, now() + make_interval(secs => $7::float8)), $8::boolean
+      FROM unnest($3::text[]) WITH ORDINALITY AS u(p, n)
+     ORDER BY u.n
+    RETURNING id
+)
+SELECT ins.id,
+       (SELECT {schema}.ping($9, $10, $11, $12::jsonb, $13::jsonb, $14::integer)) AS pinged
+  FROM ins
 
 -- name: jobs_due
 -- The queue's work query. $1 queue, $2 the types this process runs, $3 concurrency.
@@ -213,3 +226,12 @@ RETURNING *
 SELECT queue, status, count(*)::bigint AS n FROM {schema}.jobs
  WHERE $1::text IS NULL OR queue = $1::text
  GROUP BY queue, status ORDER BY queue, status
+
+-- name: jobs_leased
+-- Which of a lease's rows ($1 ids, $2 attempts, $3 started_at: the leasing transaction's now())
+-- that lease holds: after a COMMIT whose outcome is unknown (the connection broke), these are
+-- the ones it committed. started_at tells it from a later lease of the same attempt number.
+SELECT j.id FROM {schema}.jobs j
+  JOIN unnest($1::bigint[], $2::integer[], $3::timestamptz[]) AS c(id, attempt, started_at)
+    ON j.id = c.id AND j.attempts = c.attempt AND j.started_at = c.started_at
+ WHERE j.status = 'running'
