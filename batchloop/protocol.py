@@ -177,17 +177,25 @@ Claims never wait. ``claim()`` locks the name's rows with ``SKIP LOCKED`` (a row
 in-flight iteration or an open ping transaction means "try again next tick"), takes the session
 lock last, and releases it if anything fails after that, because a session lock survives the
 statement's rollback. Hosts claim in batches (``claim_many``: the notifications that arrived
-together, a monitor tick's orphans, or a released name's re-check together with its unlock), up
-to 50 names per statement and one commit. ``claim_many`` first reads each name's status without
-locking (an idle or stopped name costs nothing; a ping that wakes it later NOTIFYs), and a batch
-that fails half-way unlocks every name it had taken before the error propagates.
+together, a monitor tick's orphans, or the names whose loops ended together, each re-checked in
+the statement that unlocks it), up to 50 names per statement and one commit. ``claim_many``
+first reads each name's status without locking (an idle or stopped name costs nothing; a ping
+that wakes it later NOTIFYs), and a batch that fails half-way unlocks every name it had taken
+before the error propagates.
+
+Even shares: each heartbeat writes how many names its host owns (``hosts.owned``) and reads the
+other live hosts' counts in the same statement. A host over an even share waits a little (up
+to 50 ms, in proportion to its excess) before claiming names it was told about, so the hosts
+with fewer names win them; what nobody took meanwhile it still claims, so a name never waits
+for a host that is gone. Within a host, cooldown polls run at most half a pool at a time: under
+load a poll runs late, a first batch does not (a ping on a cooling loop wakes it anyway).
 
 A control connection whose state is in doubt (a timed-out statement, a missed heartbeat, a host
 row deleted by another host) is terminated at once rather than reused, which hands its names to
 the other hosts immediately.
 
--> :mod:`batchloop.runtime.session` (the control connection: open and verify, heartbeat,
-LISTEN, ending a lost session's backends on the server they were on, goodbye),
+-> :mod:`batchloop.runtime.session` (the control connection: open and verify, heartbeat and
+shares, LISTEN, ending a lost session's backends on the server they were on, goodbye),
 :mod:`batchloop.runtime.wakeups` (the payload codec and the dispatcher),
 :mod:`batchloop.runtime.claims` (the ownership ledger: owned, being claimed, to re-check,
 lacking callables; claim, unlock, release), :mod:`batchloop.runtime.monitor` (orphans, frozen

@@ -77,6 +77,7 @@ class Claims:
         self.loops.clear()
         self.claiming.clear()
         self.recheck.clear()
+        self._released.clear()
 
     async def explain_main_module_workers(self, control: Control) -> None:
         """Name the names whose callables live in another program's ``__main__``, which no
