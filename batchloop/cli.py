@@ -33,6 +33,7 @@ from .display import format_hosts_table, format_status_table, state_label
 from .drivers import _psycopg
 from .dsn import DsnError, parse, scrub
 from .errors import BatchloopError, SchemaMissingError
+from .jobs_cli import add_jobs_command
 from .migrations import code_version, schema_script, upgrade_script
 from .models import HostStatus, WorkerStatus
 from .registry import main_help, main_refs, refs
@@ -623,6 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="average events per producer transaction (default 20)",
     )
     _add_web_command(add)
+    add_jobs_command(add, common, _Parser)
     return parser
 
 
@@ -697,12 +699,15 @@ def _add_web_command(add: Callable[..., Any]) -> None:
     )
 
 
-def _apply_environment(parser: argparse.ArgumentParser, command: str) -> None:
+def _apply_environment(
+    parser: argparse.ArgumentParser, command: str, nested: str | None = None
+) -> None:
     """Defaults from BATCHLOOP_* variables for the main options and ``command``'s (only that
-    one's: a variable meant for another command is no error here). A bad value is a usage
-    error naming the variable."""
+    one's: a variable meant for another command is no error here), and its ``nested``
+    subcommand's (``jobs list``). A bad value is a usage error naming the variable."""
     sub = _subcommands(parser).get(command)
-    for owner in (parser, sub):
+    inner = _subcommands(sub).get(nested) if sub is not None and nested else None
+    for owner in (parser, sub, inner):
         if owner is None:
             continue
         for action in owner._actions:
@@ -783,7 +788,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         # Again with BATCHLOOP_* defaults for that command: the first pass only finds which.
-        _apply_environment(parser, args.command)
+        _apply_environment(parser, args.command, getattr(args, "jobs_command", None))
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2

@@ -18,7 +18,9 @@ import asyncpg
 
 import batchloop
 
+from ..errors import SchemaMissingError
 from ..schema_name import DEFAULT_SCHEMA, check_schema
+from .queues import queue_counts
 
 try:
     from starlette.applications import Starlette
@@ -89,6 +91,18 @@ def create_app(
             found = await batchloop.list_hosts(conn, schema=schema)
         return JSONResponse([h.model_dump(mode="json") for h in found])
 
+    async def queues(request: Request) -> Response:
+        """Every job queue with its jobs counted by status (batchloop.jobs)."""
+        async with state["pool"].acquire() as conn:
+            try:
+                found = await queue_counts(conn, schema=schema)
+            except SchemaMissingError:
+                return JSONResponse(
+                    {"error": "no jobs table in this schema: run `batchloop migrate`"},
+                    status_code=503,
+                )
+        return JSONResponse([q.model_dump(mode="json") for q in found])
+
     async def session(request: Request) -> Response:
         """What the page may offer: whether actions exist at all and whether this request's
         token is right (the token form checks it here before showing any button)."""
@@ -131,6 +145,7 @@ def create_app(
             Route("/", index),
             Route("/api/workers", workers),
             Route("/api/hosts", hosts),
+            Route("/api/queues", queues),
             Route("/api/session", session),
             Route("/api/workers/{action}", act, methods=["POST"]),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),

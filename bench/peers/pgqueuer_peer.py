@@ -2,7 +2,8 @@
 
 Tuned per its "Performance Tuning" guide and its own ``tools/benchmark.py`` drain strategy:
 ``batch_size`` = the benchmark's batch size (jobs per ``FOR UPDATE SKIP LOCKED`` dequeue), no
-``max_concurrent_tasks`` cap, one dedicated asyncpg connection per ``QueueManager``
+``max_concurrent_tasks`` cap (bench/jobs.py sets the entrypoint's ``concurrency_limit``: option
+``pgq_concurrency_limit``), one dedicated asyncpg connection per ``QueueManager``
 (``AsyncpgDriver``, as the guide recommends over a pool), ``pgq autovac`` settings applied,
 durability left ``durable`` (logged tables, like the user table of raw and batchloop), and
 ``mode=drain`` so ``run()`` returns once the queue is empty and every job's status is flushed.
@@ -29,6 +30,7 @@ def settings(batch: int, options: dict[str, Any]) -> dict[str, Any]:
         "workers": int(options.get("pgq_workers", 1)),
         "driver": "AsyncpgDriver (one connection per QueueManager)",
         "max_concurrent_tasks": None,
+        "concurrency_limit": int(options.get("pgq_concurrency_limit", 0)),  # 0: none
         "durability": "durable",
         "autovac": True,
         "mode": "drain",
@@ -59,7 +61,7 @@ async def trial(dsn: str, rows: int, batch: int, options: dict[str, Any]) -> dic
     for conn in conns:
         qm = QueueManager(Queries(AsyncpgDriver(conn)))
 
-        @qm.entrypoint("noop")
+        @qm.entrypoint("noop", concurrency_limit=used["concurrency_limit"])
         async def noop(job: Job) -> None:
             return None
 

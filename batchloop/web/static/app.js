@@ -147,6 +147,53 @@ function renderHosts(list) {
   note.textContent = "no hosts have registered";
 }
 
+const JOB_STATUSES = ["pending", "running", "completed", "failed", "canceled"];
+
+function renderQueues(list) {
+  const tbody = document.querySelector("#queues tbody");
+  const seen = new Set();
+  list.forEach((q, i) => {
+    seen.add(q.queue);
+    let tr = rowFor(tbody, q.queue);
+    if (!tr) {
+      tr = el("tr");
+      tr.dataset.key = q.queue;
+      tr.appendChild(el("td", "queue"));
+      for (const s of JOB_STATUSES) tr.appendChild(el("td", "num count-" + s));
+      tr.appendChild(el("td", "num total"));
+    }
+    if (tbody.rows[i] !== tr) tbody.insertBefore(tr, tbody.rows[i] || null);
+    setText(tr.querySelector(".queue"), q.queue);
+    for (const s of JOB_STATUSES) {
+      const n = (q.counts && q.counts[s]) || 0;
+      const cell = tr.querySelector(".count-" + s);
+      setText(cell, String(n));
+      cell.classList.toggle("state-stopped", s === "failed" && n > 0);
+      tr.dataset[s] = String(n);
+    }
+    setText(tr.querySelector(".total"), String(q.total));
+  });
+  for (const tr of Array.from(tbody.rows)) if (!seen.has(tr.dataset.key)) tr.remove();
+  showQueuesNote(list.length ? "" : "no jobs yet: a first dispatch creates a queue's row");
+}
+
+function showQueuesNote(text) {
+  const note = document.getElementById("queues-note");
+  note.hidden = !text;
+  note.textContent = text;
+}
+
+async function refreshQueues() {
+  const res = await fetch("api/queues", { cache: "no-store" });
+  if (res.ok) {
+    renderQueues(await res.json());
+  } else {
+    const body = await res.json().catch(() => ({}));
+    document.querySelector("#queues tbody").replaceChildren();
+    showQueuesNote(body.error || "queues: HTTP " + res.status);
+  }
+}
+
 async function act(action, name) {
   const res = await fetch("api/workers/" + action, {
     method: "POST",
@@ -171,6 +218,7 @@ async function refresh() {
     const res = await fetch("api/workers", { cache: "no-store" });
     if (!res.ok) throw new Error("workers: HTTP " + res.status);
     renderWorkers(await res.json());
+    await refreshQueues();
     const hosts = await fetch("api/hosts", { cache: "no-store" });
     if (hosts.ok) {
       renderHosts(await hosts.json());
