@@ -1,7 +1,7 @@
 """Job queues counted by status, for the status page (``/api/queues``).
 
-:func:`batchloop.jobs.queue_counts` is one ``GROUP BY`` over the jobs table, so the page costs
-the same however many jobs there are; finished jobs are few anyway (retention deletes them).
+:func:`batchloop.jobs.queue_counts` is one ``GROUP BY`` over the jobs table per refresh: the
+table stays small (retention deletes finished jobs), so that scan stays cheap.
 """
 
 from __future__ import annotations
