@@ -149,3 +149,27 @@ async def long(ctx: jobs.JobContext, payload: Item) -> dict[str, Any]:
     STARTED.append((payload.n, ctx.attempt))
     await asyncio.sleep(payload.sleep)  # the work: several leases long
     return {"attempt": ctx.attempt}
+
+
+async def connect_fresh(dsn: str) -> Any:
+    """An asyncpg connection to a test database with the ``completions`` table that
+    ``on_complete`` writes, and this module's records of a previous test cleared."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    await conn.execute(
+        "CREATE TABLE completions (job_id bigint NOT NULL, status text NOT NULL,"
+        " at timestamptz NOT NULL DEFAULT clock_timestamp())"
+    )
+    STARTED.clear()
+    COMPLETED.clear()
+    GATES.clear()
+    RUNNING.update(now=0, max=0)
+    HOSTS.clear()
+    return conn
+
+
+async def status(conn: Any, job_id: int) -> str | None:
+    """The job's status, None once it is gone."""
+    run = await jobs.get(conn, job_id)
+    return None if run is None else run.status

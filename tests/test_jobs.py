@@ -25,23 +25,11 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture
 async def conn(migrated_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    c = await asyncpg.connect(migrated_dsn)
-    await c.execute(
-        "CREATE TABLE completions (job_id bigint NOT NULL, status text NOT NULL,"
-        " at timestamptz NOT NULL DEFAULT clock_timestamp())"
-    )
-    jobs_core.STARTED.clear()
-    jobs_core.COMPLETED.clear()
-    jobs_core.GATES.clear()
+    c = await jobs_core.connect_fresh(migrated_dsn)
     try:
         yield c
     finally:
         await c.close()
-
-
-async def _status(conn: asyncpg.Connection, job_id: int) -> str | None:
-    run = await jobs.get(conn, job_id)
-    return None if run is None else run.status
 
 
 async def test_a_job_runs_to_completion_with_its_result(
@@ -50,7 +38,7 @@ async def test_a_job_runs_to_completion_with_its_result(
     async with bl.Host(migrated_dsn, modules=["jobs_core"]):
         async with conn.transaction():
             job_id = await jobs_core.echo.dispatch(conn, jobs_core.Item(n=7))
-        await wait_for(lambda: _status(conn, job_id), expect="completed")
+        await wait_for(lambda: jobs_core.status(conn, job_id), expect="completed")
     run = await jobs.get(conn, job_id)
     assert run is not None
     assert run.result == {"n": 7, "attempt": 1}
@@ -79,7 +67,7 @@ async def test_progress_is_visible_while_the_job_runs(
         assert (running.status, running.attempts, running.completed_at) == ("running", 1, None)
         assert running.lease_until is not None and running.started_at is not None
         jobs_core.gate(1).set()
-        await wait_for(lambda: _status(conn, job_id), expect="completed")
+        await wait_for(lambda: jobs_core.status(conn, job_id), expect="completed")
 
 
 def test_backoff_is_exponential_with_jitter_and_the_first_retry_within_a_second() -> None:
@@ -97,10 +85,10 @@ async def test_a_failing_job_is_retried_then_fails_without_blocking_others(
     async with bl.Host(migrated_dsn, modules=["jobs_core"]):
         bad = await jobs_core.echo.dispatch(conn, jobs_core.Item(n=1, fail_times=99))
         good = await jobs_core.echo.dispatch(conn, jobs_core.Item(n=2))
-        await wait_for(lambda: _status(conn, good), expect="completed")
-        await wait_for(lambda: _status(conn, bad), expect="failed")
+        await wait_for(lambda: jobs_core.status(conn, good), expect="completed")
+        await wait_for(lambda: jobs_core.status(conn, bad), expect="failed")
         again = await jobs_core.echo.dispatch(conn, jobs_core.Item(n=3, fail_times=1))
-        await wait_for(lambda: _status(conn, again), expect="completed")
+        await wait_for(lambda: jobs_core.status(conn, again), expect="completed")
     run = await jobs.get(conn, bad)
     assert run is not None
     assert (run.attempts, run.max_attempts, run.result) == (3, 3, None)
@@ -120,7 +108,7 @@ async def test_a_failing_job_is_retried_then_fails_without_blocking_others(
 async def test_non_retryable_fails_at_once(conn: asyncpg.Connection, migrated_dsn: str) -> None:
     async with bl.Host(migrated_dsn, modules=["jobs_core"]):
         job_id = await jobs_core.fatal.dispatch(conn, {"n": 5})
-        await wait_for(lambda: _status(conn, job_id), expect="failed")
+        await wait_for(lambda: jobs_core.status(conn, job_id), expect="failed")
     run = await jobs.get(conn, job_id)
     assert run is not None and run.attempts == 1 and run.max_attempts == 5
     assert run.error == "NonRetryable: no way: 5"
@@ -141,7 +129,7 @@ async def test_cancel_pending_running_and_final(
         assert await jobs.cancel(conn, busy) is True
         assert (await jobs.get(conn, busy)).status == "running"  # type: ignore[union-attr]
         jobs_core.gate(2).set()
-        await wait_for(lambda: _status(conn, busy), expect="canceled")
+        await wait_for(lambda: jobs_core.status(conn, busy), expect="canceled")
         assert await jobs.cancel(conn, busy) is False
         assert await jobs.cancel(conn, later) is False
         assert await jobs.cancel(conn, 10**9) is False
@@ -164,7 +152,7 @@ async def test_a_cancel_from_a_process_without_the_handler_is_recorded_by_the_lo
     assert run is not None and (run.status, run.cancel_requested) == ("pending", True)
     assert jobs_core.COMPLETED == []
     async with bl.Host(migrated_dsn, modules=["jobs_core"]):
-        await wait_for(lambda: _status(conn, job_id), expect="canceled")
+        await wait_for(lambda: jobs_core.status(conn, job_id), expect="canceled")
     assert jobs_core.STARTED == []
     rows = await conn.fetch("SELECT job_id, status FROM completions")
     assert [tuple(r) for r in rows] == [(job_id, "canceled")]
@@ -176,13 +164,13 @@ async def test_retry_puts_a_failed_job_back_to_pending(
     jobs_core.FLAKY["fail"] = True
     async with bl.Host(migrated_dsn, modules=["jobs_core"]):
         job_id = await jobs_core.flaky.dispatch(conn, jobs_core.Item(n=1))
-        await wait_for(lambda: _status(conn, job_id), expect="failed")
+        await wait_for(lambda: jobs_core.status(conn, job_id), expect="failed")
         jobs_core.FLAKY["fail"] = False
         async with conn.transaction():
             assert await jobs.retry(conn, job_id) is True
             run = await jobs.get(conn, job_id)
             assert run is not None and (run.status, run.attempts) == ("pending", 0)
-        await wait_for(lambda: _status(conn, job_id), expect="completed")
+        await wait_for(lambda: jobs_core.status(conn, job_id), expect="completed")
         assert await jobs.retry(conn, job_id) is False  # completed
         assert await jobs.retry(conn, 10**9) is False
     run = await jobs.get(conn, job_id)
@@ -214,7 +202,7 @@ async def test_a_stale_attempt_cannot_overwrite_a_newer_one(
         assert (run.status, run.attempts, run.progress, run.result) == ("running", 2, 0, None)
         assert jobs_core.COMPLETED == []
         await conn.execute("UPDATE batchloop.jobs SET lease_until = now() WHERE id = $1", job_id)
-        await wait_for(lambda: _status(conn, job_id), expect="completed")
+        await wait_for(lambda: jobs_core.status(conn, job_id), expect="completed")
     assert await conn.fetchval("SELECT count(*) FROM completions") == 1
 
 
@@ -267,8 +255,8 @@ async def test_delay_and_run_at_wake_the_loop_with_no_ping(
             expect=lambda s: s is not None and s.state == "waiting",
         )
         assert st.next_run_at is not None
-        await wait_for(lambda: _status(conn, timed), expect="completed", timeout=15)
-        await wait_for(lambda: _status(conn, delayed), expect="completed")
+        await wait_for(lambda: jobs_core.status(conn, timed), expect="completed", timeout=15)
+        await wait_for(lambda: jobs_core.status(conn, delayed), expect="completed")
     for job_id in (delayed, timed):
         run = await jobs.get(conn, job_id)
         assert run is not None and run.started_at is not None
@@ -301,8 +289,8 @@ async def test_a_payload_that_no_longer_validates_fails_that_job_only(
     )
     async with bl.Host(migrated_dsn, modules=["jobs_core"]):
         good = await jobs_core.echo.dispatch(conn, jobs_core.Item(n=1))
-        await wait_for(lambda: _status(conn, good), expect="completed")
-        await wait_for(lambda: _status(conn, stale), expect="failed")
+        await wait_for(lambda: jobs_core.status(conn, good), expect="completed")
+        await wait_for(lambda: jobs_core.status(conn, stale), expect="failed")
     run = await jobs.get(conn, stale)
     assert run is not None and run.attempts == 1
     assert run.error is not None
@@ -319,7 +307,7 @@ async def test_an_unknown_type_is_never_imported_or_run(
     )
     async with bl.Host(migrated_dsn, modules=["jobs_core"]):
         good = await jobs_core.echo.dispatch(conn, jobs_core.Item(n=1))
-        await wait_for(lambda: _status(conn, good), expect="completed")
+        await wait_for(lambda: jobs_core.status(conn, good), expect="completed")
     run = await jobs.get(conn, ghost)
     assert run is not None and (run.status, run.attempts) == ("pending", 0)
     assert "ghost_module" not in sys.modules
@@ -456,8 +444,8 @@ async def test_an_expired_lease_on_the_last_attempt_fails_and_a_requested_cancel
         dropped,
     )
     async with bl.Host(migrated_dsn, modules=["jobs_core"]):
-        await wait_for(lambda: _status(conn, spent), expect="failed")
-        await wait_for(lambda: _status(conn, dropped), expect="canceled")
+        await wait_for(lambda: jobs_core.status(conn, spent), expect="failed")
+        await wait_for(lambda: jobs_core.status(conn, dropped), expect="canceled")
     run = await jobs.get(conn, spent)
     assert run is not None and run.attempts == 3
     assert run.error == (

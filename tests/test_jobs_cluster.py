@@ -26,15 +26,7 @@ HERE = Path(__file__).parent
 
 @pytest.fixture
 async def conn(migrated_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    c = await asyncpg.connect(migrated_dsn)
-    await c.execute(
-        "CREATE TABLE completions (job_id bigint NOT NULL, status text NOT NULL,"
-        " at timestamptz NOT NULL DEFAULT clock_timestamp())"
-    )
-    jobs_core.STARTED.clear()
-    jobs_core.COMPLETED.clear()
-    jobs_core.RUNNING.update(now=0, max=0)
-    jobs_core.HOSTS.clear()
+    c = await jobs_core.connect_fresh(migrated_dsn)
     try:
         yield c
     finally:

@@ -23,23 +23,11 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture
 async def conn(migrated_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    c = await asyncpg.connect(migrated_dsn)
-    await c.execute(
-        "CREATE TABLE completions (job_id bigint NOT NULL, status text NOT NULL,"
-        " at timestamptz NOT NULL DEFAULT clock_timestamp())"
-    )
-    jobs_core.STARTED.clear()
-    jobs_core.COMPLETED.clear()
-    jobs_core.GATES.clear()
+    c = await jobs_core.connect_fresh(migrated_dsn)
     try:
         yield c
     finally:
         await c.close()
-
-
-async def _status(conn: asyncpg.Connection, job_id: int) -> str | None:
-    run = await jobs.get(conn, job_id)
-    return None if run is None else run.status
 
 
 async def handler(ctx: jobs.JobContext, payload: int) -> None:
@@ -111,7 +99,7 @@ async def test_a_host_leaving_mid_job_hands_the_job_back_at_once(
     assert await conn.fetchval("SELECT $1 <= now()", run.lease_until)  # not 60 s away
     jobs_core.gate(1).set()
     async with bl.Host(migrated_dsn, modules=["jobs_core"]):
-        await wait_for(lambda: _status(conn, job_id), expect="completed")
+        await wait_for(lambda: jobs_core.status(conn, job_id), expect="completed")
     run = await jobs.get(conn, job_id)
     assert run is not None and run.attempts == 2
     assert jobs_core.STARTED == [(1, 1), (1, 2)]
@@ -124,8 +112,8 @@ async def test_on_complete_raising_is_rolled_back_and_the_state_recorded(
     async with bl.Host(migrated_dsn, modules=["jobs_core"]):
         ok = await jobs_core.loud.dispatch(conn, jobs_core.Item(n=1))
         other = await jobs_core.echo.dispatch(conn, jobs_core.Item(n=2))
-        await wait_for(lambda: _status(conn, ok), expect="completed")
-        await wait_for(lambda: _status(conn, other), expect="completed")
+        await wait_for(lambda: jobs_core.status(conn, ok), expect="completed")
+        await wait_for(lambda: jobs_core.status(conn, other), expect="completed")
     assert (ok, "completed") in jobs_core.COMPLETED  # called once...
     rows = await conn.fetch("SELECT job_id FROM completions")
     assert [r["job_id"] for r in rows] == [other]  # ...and its write rolled back
@@ -137,7 +125,7 @@ async def test_a_result_that_is_not_an_object_fails_the_attempt(
 ) -> None:
     async with bl.Host(migrated_dsn, modules=["jobs_core"]):
         job_id = await jobs_core.loud.dispatch(conn, jobs_core.Item(n=-1))
-        await wait_for(lambda: _status(conn, job_id), expect="failed", timeout=20)
+        await wait_for(lambda: jobs_core.status(conn, job_id), expect="failed", timeout=20)
     run = await jobs.get(conn, job_id)
     assert run is not None and run.attempts == 5
     assert (
@@ -171,10 +159,10 @@ async def test_a_queue_paused_with_batchloop_stop_resumes_with_start(
         second = await jobs_core.echo.dispatch(conn, jobs_core.Item(n=2))
         st = await bl.status(conn, name)
         assert st is not None and st.state == "stopped" and st.owner is None
-        assert await _status(conn, second) == "pending"
+        assert await jobs_core.status(conn, second) == "pending"
         assert await bl.start(conn, name) is True
-        await wait_for(lambda: _status(conn, second), expect="completed")
-        await wait_for(lambda: _status(conn, first), expect="completed")
+        await wait_for(lambda: jobs_core.status(conn, second), expect="completed")
+        await wait_for(lambda: jobs_core.status(conn, first), expect="completed")
 
 
 async def test_a_payload_class_defined_after_its_handler_validates(
@@ -197,7 +185,7 @@ async def test_a_dead_lease_of_an_unknown_type_does_not_keep_the_loop_polling(
     )
     async with bl.Host(migrated_dsn, modules=["jobs_core"]):
         job_id = await jobs_core.echo.dispatch(conn, jobs_core.Item(n=1))
-        await wait_for(lambda: _status(conn, job_id), expect="completed")
+        await wait_for(lambda: jobs_core.status(conn, job_id), expect="completed")
         # Nothing it can run is due: the loop goes to sleep (idle or waiting), no polling.
         await wait_for(
             lambda: bl.status(conn, jobs.queue_name("core")),
@@ -299,10 +287,10 @@ async def test_an_application_role_with_the_documented_grants_runs_jobs(
                 async with app.transaction():
                     job_id = await jobs_core.echo.dispatch(app, jobs_core.Item(n=1), key="k")
                 later = await jobs_core.echo.dispatch(app, jobs_core.Item(n=2), delay=3600)
-                await wait_for(lambda: _status(app, job_id), expect="completed")
+                await wait_for(lambda: jobs_core.status(app, job_id), expect="completed")
                 assert await jobs.cancel(app, later) is True
                 assert await jobs.retry(app, later) is True
-                await wait_for(lambda: _status(app, later), expect="completed")
+                await wait_for(lambda: jobs_core.status(app, later), expect="completed")
                 assert (await jobs.queue_counts(app))["core"]["completed"] == 2
         finally:
             await app.close()
@@ -325,7 +313,7 @@ async def test_the_lease_is_extended_while_the_handler_runs(
             expect=lambda r: r.status != "running" or r.lease_until > first.lease_until,
         )
         assert later.status == "running"  # extended before it ended
-        await wait_for(lambda: _status(conn, job_id), expect="completed")
+        await wait_for(lambda: jobs_core.status(conn, job_id), expect="completed")
     run = await jobs.get(conn, job_id)
     assert run is not None and run.attempts == 1 and run.result == {"attempt": 1}
     assert jobs_core.STARTED == [(1, 1)]  # three leases long, never run twice
@@ -336,7 +324,7 @@ async def test_the_testing_kits_host_runs_jobs(batchloop_dsn: str, batchloop_hos
     async with batchloop_host.pool.acquire() as c:
         async with c.transaction():
             job_id = await jobs_core.later.dispatch(c, jobs_core.Later(x=1))
-        await wait_for(lambda: _status(c, job_id), expect="completed")
+        await wait_for(lambda: jobs_core.status(c, job_id), expect="completed")
 
 
 async def test_a_host_with_a_single_pool_connection_still_runs_its_jobs(
@@ -374,6 +362,6 @@ async def test_a_lease_whose_commit_went_unanswered_starts_what_committed(
         other = dict(await conn.fetchrow(lease, rolled_back))
         other["started_at"] -= datetime.timedelta(seconds=1)
         runtime_of(host).verify([row, other])
-        await wait_for(lambda: _status(conn, committed), expect="completed")
+        await wait_for(lambda: jobs_core.status(conn, committed), expect="completed")
         assert jobs_core.STARTED == [(1, 1)]
-    assert await _status(conn, rolled_back) == "running"  # not ours: never started here
+    assert await jobs_core.status(conn, rolled_back) == "running"  # not ours: never started here
