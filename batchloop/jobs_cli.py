@@ -41,22 +41,15 @@ def _job_id(text: str) -> int:
     return value
 
 
-def _limit(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
-
-
 def add_jobs_command(
     add: Callable[..., Any], common: argparse.ArgumentParser, parser_class: type[Any]
 ) -> None:
     """Adds ``jobs`` and its four subcommands through cli.py's ``add`` helper; each subcommand
     takes the main options too (``batchloop jobs list --dsn X`` works like ``batchloop --dsn X
     jobs list``)."""
+    # cli.py imports this module to build its parser: its argument types are there by now.
+    from .cli import _positive_int
+
     p = add("jobs", cmd_jobs, "list, show, cancel or retry background jobs (batchloop.jobs)")
     sub = p.add_subparsers(
         dest="jobs_command", required=True, metavar="SUBCOMMAND", parser_class=parser_class
@@ -73,7 +66,7 @@ def add_jobs_command(
     c.add_argument("--status", default=None, choices=STATUSES, help="only jobs in this status")
     c.add_argument("--type", default=None, metavar="T", help="only jobs of type T")
     c.add_argument(
-        "--limit", type=_limit, default=100, metavar="N", help="at most N jobs (default 100)"
+        "--limit", type=_positive_int, default=100, metavar="N", help="at most N jobs (default 100)"
     )
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
     c = child("show", "show one job: status, attempts, progress, payload, result, error")
