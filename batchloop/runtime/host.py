@@ -210,10 +210,11 @@ class Host:
         import_modules(self.modules)
         self._pool = await self._create_pool()
         driver: LoopDriver = AsyncpgLoopDriver()
+        reset = ASYNCPG_RESET  # the reset the pool's release runs, for the loops' COMMITs
         if self.driver == "psycopg":
             from ..drivers.psycopg import PsycopgLoopDriver
 
-            driver = PsycopgLoopDriver()
+            driver, reset = PsycopgLoopDriver(), PSYCOPG_RESET
         self._ctx = LoopContext(
             self._pool,
             self.schema,
@@ -222,7 +223,7 @@ class Host:
             prepare=not self._pooled,
             application_name=self.application_name,
             polls=anyio.Semaphore(max(1, self._pool_sizes[1] // 2)),
-            reset=PSYCOPG_RESET if self.driver == "psycopg" else ASYNCPG_RESET,
+            reset=reset,
         )
         try:
             async with self._pool.acquire() as conn:

@@ -170,6 +170,12 @@ class NameLoop:
         """Cut the current sleep short (a ping woke us, or the host is shutting down)."""
         self.poke.set()
 
+    @property
+    def missed_work(self) -> bool:
+        """Polling, and a ping's 'c' came in after the last iteration began: its query may not
+        have seen that work, so the loop must look again rather than sleep."""
+        return self.polling and self.arrivals != self.seen
+
     def work_arrived(self) -> None:
         """A ping committed work while this loop was cooling down: poll now, not at the next
         poll. Only a poll is cut short; a debounce, a failure backoff or a waiting deadline
@@ -194,7 +200,7 @@ class NameLoop:
                 if delay > 0 and await self._sleep(delay):
                     if self.stopping:
                         break
-                    if self.polling and self.arrivals != self.seen:
+                    if self.missed_work:
                         # The iteration's fence is the authority; no need to re-read the state.
                         delay = 0.0
                         continue
@@ -212,7 +218,7 @@ class NameLoop:
                     if decision.timeout is None or self.once:
                         break
                     delay = decision.timeout
-                elif self.polling and self.arrivals != self.seen:
+                elif self.missed_work:
                     delay = 0.0  # work arrived during this iteration, perhaps after its query
                 else:
                     delay = decision.delay
@@ -300,7 +306,7 @@ class NameLoop:
 
     async def _iterate(self) -> Decision:
         polls = self.ctx.polls
-        if polls is not None and self.polling and self.arrivals == self.seen:
+        if polls is not None and self.polling and not self.missed_work:
             async with polls:
                 return await self._iterate_now()
         return await self._iterate_now()
