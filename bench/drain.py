@@ -394,14 +394,47 @@ async def admin(dsn: str, sql: str) -> None:
         await conn.close()
 
 
+def trial_in_subprocess(
+    admin_dsn: str,
+    prefix: str,
+    script: str,
+    spec: dict[str, Any],
+    record: dict[str, Any],
+    timeout: float,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run ``script --trial SPEC`` in a process of its own against a brand-new database
+    ``<prefix>_*`` (its URL added to the spec as ``dsn``), dropped afterwards; ``record`` gets
+    the JSON the trial prints last, or ``error`` saying why there is none."""
+    dbname = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    asyncio.run(admin(admin_dsn, f'CREATE DATABASE "{dbname}"'))
+    spec = {**spec, "dsn": database_url(admin_dsn, dbname)}
+    try:
+        proc = subprocess.run(
+            [sys.executable, script, "--trial", json.dumps(spec)],
+            cwd=HERE,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            record["error"] = (proc.stderr.strip() or proc.stdout.strip())[-2000:]
+        else:
+            record.update(json.loads(lines[-1]))
+    except subprocess.TimeoutExpired:
+        record["error"] = f"timed out after {timeout} s"
+    finally:
+        asyncio.run(admin(admin_dsn, f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
+    return record
+
+
 def run_one(args: argparse.Namespace, system: str, batch: int, rows: int) -> dict[str, Any]:
-    dbname = f"bench_drain_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    asyncio.run(admin(args.dsn, f'CREATE DATABASE "{dbname}"'))
     spec = {
         "system": system,
         "batch": batch,
         "rows": rows,
-        "dsn": database_url(args.dsn, dbname),
         "loop": args.loop,
         "profile": str(args.profile) if args.profile else None,
         "options": {
@@ -410,23 +443,9 @@ def run_one(args: argparse.Namespace, system: str, batch: int, rows: int) -> dic
         },
     }
     record: dict[str, Any] = {"system": system, "batch": batch, "rows": rows}
-    try:
-        proc = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--trial", json.dumps(spec)],
-            cwd=HERE,
-            capture_output=True,
-            text=True,
-            timeout=args.trial_timeout,
-        )
-        lines = proc.stdout.strip().splitlines()
-        if proc.returncode != 0 or not lines:
-            record["error"] = (proc.stderr.strip() or proc.stdout.strip())[-2000:]
-        else:
-            record.update(json.loads(lines[-1]))
-    except subprocess.TimeoutExpired:
-        record["error"] = f"timed out after {args.trial_timeout} s"
-    finally:
-        asyncio.run(admin(args.dsn, f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
+    trial_in_subprocess(
+        args.dsn, "bench_drain", str(Path(__file__).resolve()), spec, record, args.trial_timeout
+    )
     if "error" not in record:
         record["rows_per_s"] = rows / record["drain_s"]
         if record["remaining"]:

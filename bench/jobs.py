@@ -60,7 +60,6 @@ import statistics
 import subprocess
 import sys
 import time
-import uuid
 from importlib import import_module
 from pathlib import Path
 from typing import Any
@@ -313,30 +312,12 @@ async def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_one(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
     drain = import_module("drain")
-    dbname = f"bench_jobs_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    asyncio.run(drain.admin(args.dsn, f'CREATE DATABASE "{dbname}"'))
-    spec = {**spec, "dsn": drain.database_url(args.dsn, dbname)}
-    record: dict[str, Any] = {k: v for k, v in spec.items() if k != "dsn"}
+    record: dict[str, Any] = dict(spec)
     concurrency = spec.get("concurrency", args.concurrency_list[0])
     env = {**os.environ, "BENCH_JOBS_CONCURRENCY": str(concurrency)}
-    try:
-        proc = subprocess.run(
-            [sys.executable, SCRIPT, "--trial", json.dumps(spec)],
-            cwd=HERE,
-            capture_output=True,
-            text=True,
-            timeout=args.trial_timeout,
-            env=env,
-        )
-        lines = proc.stdout.strip().splitlines()
-        if proc.returncode != 0 or not lines:
-            record["error"] = (proc.stderr.strip() or proc.stdout.strip())[-2000:]
-        else:
-            record.update(json.loads(lines[-1]))
-    except subprocess.TimeoutExpired:
-        record["error"] = f"timed out after {args.trial_timeout} s"
-    finally:
-        asyncio.run(drain.admin(args.dsn, f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
+    drain.trial_in_subprocess(
+        args.dsn, "bench_jobs", SCRIPT, spec, record, args.trial_timeout, env=env
+    )
     if "error" in record:
         return record
     if spec["scenario"] == "throughput":
