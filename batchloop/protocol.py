@@ -54,6 +54,17 @@ ends. So:
   old loop's batch either commits before the bump, or rolls back;
 * after the bump commits, an old loop's fence finds no row and it exits without writing.
 
+Claims commit without waiting for their WAL flush (the control session runs with
+``synchronous_commit`` off: the flush was half of an idle wake-up's latency). A claim is visible
+at once all the same; only a server crash can lose it, and that crash ends every session, so
+every name's session lock, too. The generation a lost claim had written can then be written
+again by another host's claim, which is why the fence tests the owner with the generation
+(``worker_state.owner_host``, which every claim writes): the loop of a lost claim never passes
+it. Its own host cancels all its loops when its control session goes, before it opens the next
+one and claims again, so its stale loops never meet its own new claim either. And nothing a
+loop commits can outlive its claim: its batch commits wait for their flush, which covers every
+earlier WAL record, the claim's included.
+
 ``stop`` first takes the name's ``stop`` advisory lock exclusively; every iteration try-locks it
 shared, so once a stop is waiting for the in-flight batch no further batch can start (row locks
 alone are not granted in arrival order, and a busy loop could otherwise keep winning the row).
@@ -66,7 +77,8 @@ while its pool connection lived on). The worker's writes and the bookkeeping (``
 
 -> :mod:`batchloop.runtime.iteration` (the whole transaction: ``BEGIN`` with ``book_batch`` in
 one message, the fence, the callables, go-idle, the closing statements sent with ``COMMIT``)
-over a driver's :class:`~batchloop.drivers.base.WorkConnection`.
+over a driver's :class:`~batchloop.drivers.base.WorkConnection`; the control session's
+settings in :mod:`batchloop.runtime.session`.
 
 Revisions
 ---------

@@ -220,6 +220,7 @@ class Host:
             self.schema,
             self._claims.release,
             driver,
+            owner=self.host_id,
             prepare=not self._pooled,
             application_name=self.application_name,
             polls=anyio.Semaphore(max(1, self._pool_sizes[1] // 2)),

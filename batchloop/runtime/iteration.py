@@ -5,10 +5,10 @@ and fencing", "Revisions" and "No lost wakeup"; the loop around it is
 Each iteration is a single transaction on a pool connection, READ COMMITTED:
 
 1. ``book_batch`` (sent with ``BEGIN``): the fence and the batch's bookkeeping in one write. It
-   matches only while the generation is still ours, the callables are the ones we loaded, the
-   worker runs and no stop is waiting; its row lock then holds claims and stops off until we
-   end. No match sends us to the full ``fence``, which tells superseded (leave without
-   writing), new callables (reload) and a due wake-up apart.
+   matches only while the generation is still ours (and our host its owner), the callables are
+   the ones we loaded, the worker runs and no stop is waiting; its row lock then holds claims
+   and stops off until we end. No match sends us to the full ``fence``, which tells superseded
+   (leave without writing), new callables (reload) and a due wake-up apart.
 2. Run the work query; on ``Work`` run the worker, then commit.
 3. On ``Idle`` within the cooldown: put the bookkeeping back (``unbook_batch``, sent with
    ``COMMIT``) and poll again later. Past the cooldown: take the name's wake lock exclusively
@@ -77,10 +77,16 @@ def _book_statement(schema: str) -> tuple[str, str]:
 
 @lru_cache(maxsize=4096)
 def _begin_text(
-    schema: str, name: str, generation: int, revision: int, stop_key: int, prepared: bool
+    schema: str,
+    name: str,
+    generation: int,
+    revision: int,
+    stop_key: int,
+    owner: str,
+    prepared: bool,
 ) -> str | None:
     """``BEGIN`` and ``book_batch``, executed or inlined; None if a value cannot be inlined."""
-    args = (name, generation, revision, stop_key)
+    args = (name, generation, revision, stop_key, owner)
     if prepared:
         literals = [sql.literal(a) for a in args]
         if any(lit is None for lit in literals):
@@ -186,6 +192,7 @@ class Transaction:
         name: str,
         generation: int,
         stop_key: int,
+        owner: str,
         *,
         prepare: bool,
         reset: ResetWithCommit | None = None,
@@ -193,6 +200,7 @@ class Transaction:
         self.io = io
         self._schema = schema
         self._name, self._generation, self._stop_key = name, generation, stop_key
+        self._owner = owner
         self._prepare = prepare
         self._reset = reset
         self._simple = False
@@ -203,7 +211,7 @@ class Transaction:
         io = self.io
         if self._reset is not None:
             self._reset.undone(io.server_session())  # in use again: its release resets it
-        key = (self._schema, self._name, self._generation, revision, self._stop_key)
+        key = (self._schema, self._name, self._generation, revision, self._stop_key, self._owner)
         text, prepared = None, False
         if io.sends_text:
             prepared = self._prepare and await self._prepared()
@@ -254,7 +262,7 @@ class Transaction:
 
     async def book(self, revision: int) -> bool:
         """``book_batch`` with parameters (after the full fence sorted things out)."""
-        args = (self._name, self._generation, revision, self._stop_key)
+        args = (self._name, self._generation, revision, self._stop_key, self._owner)
         return await self.io.execute("book_batch", *args) == "UPDATE 1"
 
     async def commit(self, end: str = "", seconds: float = 0.0, *, leaving: bool = False) -> None:
@@ -292,6 +300,9 @@ class Iteration:
     name: str
     generation: int
     stop_key: int
+    owner: str
+    """The host that claimed this generation (``worker_state.owner_host``), which the fence
+    tests along with the generation."""
     loaded: LoadedWorker
     """The callables and config in force; the fence replaces them on a new revision."""
     prepare: bool = False
@@ -316,6 +327,7 @@ class Iteration:
             self.name,
             self.generation,
             self.stop_key,
+            self.owner,
             prepare=self.prepare,
             reset=self.reset,
         )
@@ -368,7 +380,7 @@ class Iteration:
 
     async def _fence(self, s: Session) -> None:
         """Why booking failed: superseded (or a stop waiting), new callables, or a due wake-up."""
-        fence = await s.fetchrow("fence", self.name, self.generation, self.stop_key)
+        fence = await s.fetchrow("fence", self.name, self.generation, self.stop_key, self.owner)
         if fence is None:
             raise Superseded(self.name)
         if fence["revision"] != self.loaded.revision:

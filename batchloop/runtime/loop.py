@@ -69,6 +69,9 @@ class LoopContext:
     release: Callable[[NameLoop], Awaitable[None]]
     driver: LoopDriver
     """The client library of ``pool``'s connections, which the user's callables get."""
+    owner: str = ""
+    """The id the claims write as ``worker_state.owner_host`` (a host's, or a tick's): the
+    fence matches it with the generation."""
     prepare: bool = False
     """Keep ``book_batch`` prepared on each connection (not behind a transaction pooler)."""
     application_name: str | None = None
@@ -138,6 +141,7 @@ class NameLoop:
             self.name,
             self.generation,
             self.stop_key,
+            self.ctx.owner,
             loaded,
             prepare=self.ctx.prepare,
             reset=self.ctx.reset,

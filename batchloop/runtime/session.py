@@ -41,6 +41,13 @@ RECONNECT_MAX_WAIT = 0.5
 """The longest pause between reconnect attempts (plus up to 0.25 s of jitter): a failover's new
 primary is up within seconds, and each attempt is cheap (refused, or one host's timeout)."""
 
+CONTROL_SETTINGS = "SET synchronous_commit TO off"
+"""The control session's writes (claims, releases, heartbeats) commit without waiting for their
+WAL flush: a claim is on a wake-up's critical path, and its flush was half of it. Visible at
+once all the same; only a server crash can lose one, and the fence then still holds (protocol
+section "Generations and fencing": it tests the owner with the generation). Whatever a loop
+then commits flushes the claim with it, being later in the WAL."""
+
 RECONNECT_OPEN_TIMEOUT = 10.0
 """Setting up a new control session (a few quick statements) takes longer only on a bad server."""
 
@@ -209,6 +216,7 @@ class Sessions:
         await control.identify()
         await control.connection.check_dedicated()
         await control.connection.keep_alive()
+        await control.connection.execute(CONTROL_SETTINGS, timeout=STATEMENT_TIMEOUT)
         if self._database is not None:
             database = await control.fetchrow("database")
             if dict(database or {}) != dict(self._database):

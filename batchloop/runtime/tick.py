@@ -148,7 +148,7 @@ async def _drain(control: Control, wanted: set[str] | None, deadline: float) -> 
             await control.fetchval("unlock", [row["lock_key"]])
             report.failed.append(TickFailure(name=name, error=str(exc)))
             continue
-        ctx = LoopContext(_OneConnection(conn), schema, release, _DRIVER)
+        ctx = LoopContext(_OneConnection(conn), schema, release, _DRIVER, owner=tick_id)
         loop = NameLoop.claimed(ctx, name, row, loaded, once=True, deadline=deadline)
         try:
             await loop.run()

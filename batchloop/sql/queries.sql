@@ -190,19 +190,22 @@ SELECT pg_notify($1, $2)
 -- The full fence: why book_batch found no row (superseded, a stop waiting, new callables, or
 -- a due wake-up). Locks this name's state row for the transaction, so a claim or stop (which
 -- bump the generation) waits for us, and we see theirs if they came first. The revision is the
--- state row's: if we waited for a ping's lock, only that row is re-read (see protocol.py).
+-- state row's: if we waited for a ping's lock, only that row is re-read (see protocol.py). The
+-- owner ($4) is tested with the generation: a claim lost in a crash (claims commit without
+-- waiting for their flush) may see another host's claim reach the same generation.
 SELECT w.status, s.revision
   FROM {schema}.worker_state s JOIN {schema}.workers w USING (name)
- WHERE s.name = $1 AND s.generation = $2
+ WHERE s.name = $1 AND s.generation = $2 AND s.owner_host = $4
    AND pg_try_advisory_xact_lock_shared($3)
    FOR UPDATE OF s
 
 -- name: book_batch
 -- First statement of every iteration (sent with BEGIN, parameters inlined): the fence and the
--- bookkeeping of a batch in one write. It matches only while the generation is ours ($2), the
--- callables are the ones we loaded ($3), the worker runs, and no stop waits (the stop lock,
--- $4, try-locked shared); its row lock then holds claims and stops off until we end. When the
--- query finds no work, unbook_batch (or go_idle / go_waiting) puts the counters back.
+-- bookkeeping of a batch in one write. It matches only while the generation is ours ($2, with
+-- our host as its owner, $5: see fence), the callables are the ones we loaded ($3), the worker
+-- runs, and no stop waits (the stop lock, $4, try-locked shared); its row lock then holds
+-- claims and stops off until we end. When the query finds no work, unbook_batch (or go_idle /
+-- go_waiting) puts the counters back.
 -- Generation and revision are tested on worker_state, the row being updated: when this waits
 -- for a ping's or a claim's row lock, PostgreSQL re-checks the new version of that row only
 -- (the joined workers row stays as the statement's snapshot saw it), and the work query that
@@ -212,7 +215,7 @@ UPDATE {schema}.worker_state s
        consecutive_failures = 0, next_run_at = now(), cooling = false
   FROM {schema}.workers w
  WHERE w.name = s.name AND s.name = $1 AND s.generation = $2 AND s.revision = $3
-   AND w.status = 'running' AND pg_try_advisory_xact_lock_shared($4)
+   AND s.owner_host = $5 AND w.status = 'running' AND pg_try_advisory_xact_lock_shared($4)
 
 -- name: unbook_batch
 -- The query found no work (within the cooldown): the counters go back, and the loop is cooling,
