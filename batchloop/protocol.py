@@ -136,12 +136,21 @@ IDLE only if it still finds nothing. Every ping either committed before that loc
 (so its rows are seen by the re-run query), or takes its shared lock after the go-idle commits
 (so it reads IDLE and wakes the worker). Nothing falls between.
 
+A poll that the previous poll's ``Idle`` says will be past the cooldown, and for which no
+``c`` wake-up came in, takes the same lock in its first statement instead (``book_idle``:
+``book_batch`` plus ``pg_try_advisory_xact_lock(wake_key)``), so its only query is the one run
+holding the lock, and the argument above holds for it unchanged. If that statement matches
+nothing (a ping in flight, or the fence), the loop books with ``book_batch`` and goes the usual
+way. A query under the lock that finds work runs it as a batch, with pings of the name waiting
+for its commit, as when the re-run query finds work.
+
 Under REPEATABLE READ or SERIALIZABLE the ping's snapshot may predate the go-idle, so there it
 reads the row ``FOR SHARE``: PostgreSQL then raises a serialization failure (40001) rather than
 return the stale status; retry the transaction as for any serialization failure.
 
--> ``ping`` in ``migrations/`` (the shared lock and the re-read) and the go-idle step in
-:mod:`batchloop.runtime.iteration`.
+-> ``ping`` in ``migrations/`` (the shared lock and the re-read), the go-idle step in
+:mod:`batchloop.runtime.iteration`, and when to take the lock first in
+:func:`batchloop.runtime.decide.lock_first`.
 
 Warm wake-ups
 -------------

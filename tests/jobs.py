@@ -24,7 +24,10 @@ CREATE TABLE done (
     item_id bigint NOT NULL, name text NOT NULL, generation bigint NOT NULL, pid int NOT NULL,
     started timestamptz NOT NULL, finished timestamptz NOT NULL DEFAULT clock_timestamp()
 );
-CREATE TABLE calls (name text NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp());
+CREATE TABLE calls (
+    name text NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    tx bigint NOT NULL DEFAULT txid_current()
+);
 """
 
 

@@ -415,3 +415,19 @@ def test_claim_delay_holds_back_only_a_host_over_its_share() -> None:
     large = decide.claim_delay(400, 2, 200)
     assert 0 < small < large <= decide.CLAIM_DEFER_MAX
     assert decide.claim_delay(10**6, 2, 0) == decide.CLAIM_DEFER_MAX
+
+
+def test_lock_first_only_when_the_last_idle_would_sleep_now() -> None:
+    assert not decide.lock_first(None, 1e9)  # no poll yet: nothing to go by
+    assert decide.lock_first(Idle(cooldown=2.0), 2.0)  # the cooldown ends exactly now
+    assert not decide.lock_first(Idle(cooldown=2.0), 1.99)
+    assert decide.lock_first(Idle(timeout=30.0, cooldown=0.0), 0.0)  # waiting counts as sleep
+    # a short timeout keeps the worker running (after_idle never says Sleep): no lock
+    assert not decide.lock_first(Idle(timeout=0.5, cooldown=0.0), 10.0)
+
+
+def test_decide_doctests() -> None:
+    import doctest
+
+    result = doctest.testmod(decide)
+    assert result.attempted >= 5 and result.failed == 0

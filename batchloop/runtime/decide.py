@@ -58,6 +58,22 @@ def after_idle(idle: Idle, since_work: float) -> Decision:
     return Sleep(idle.timeout)
 
 
+def lock_first(last: Idle | None, since_work: float) -> bool:
+    """Whether a poll takes the wake lock before its query rather than after: the last poll's
+    ``Idle``, given ``since_work`` now, would go to sleep. The query under the lock is then the
+    go-idle confirmation itself (one query and one statement fewer). A wrong guess costs only
+    the lock, held for one poll.
+
+    >>> lock_first(Idle(cooldown=2.0), since_work=2.5)
+    True
+    >>> lock_first(Idle(cooldown=2.0), since_work=1.0)  # still cooling down: no lock
+    False
+    >>> lock_first(Idle(timeout=0.5), since_work=9.0)  # a short timeout never sleeps
+    False
+    """
+    return last is not None and isinstance(after_idle(last, since_work), Sleep)
+
+
 def after_failure(failures: int, cap: float, jitter: float) -> RunAgain:
     """Exponential backoff with jitter. ``failures`` >= 1 counts this one; ``jitter`` in [0, 1)."""
     if failures < 1:

@@ -14,7 +14,10 @@ Each iteration is a single transaction on a pool connection, READ COMMITTED:
    ``COMMIT``) and poll again later. Past the cooldown: take the name's wake lock exclusively
    (``try_go_idle``: it fails while any ping transaction is in flight, and then we poll again),
    re-run the query with a fresh snapshot, and only if it still says idle, write idle or
-   waiting (which also puts the bookkeeping back), sent with ``COMMIT``.
+   waiting (which also puts the bookkeeping back), sent with ``COMMIT``. A poll that the last
+   one's ``Idle`` says will be past the cooldown books with ``book_idle`` instead, which takes
+   the wake lock in the same statement: its query is then the confirmation, and the first
+   query and ``try_go_idle`` are saved (:func:`.decide.lock_first`).
 
 The worker's writes and the bookkeeping commit together or not at all; a failure rolls the
 iteration back and propagates to the loop, which records it.
@@ -64,13 +67,13 @@ UNKNOWN_PREPARED = "26000"
 
 _PREPARED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 """Server sessions (:meth:`~batchloop.drivers.base.WorkConnection.server_session`) holding our
-prepared ``book_batch``, by schema."""
+prepared ``book_batch`` / ``book_idle``, by statement name."""
 
 
 @cache
-def _book_statement(schema: str) -> tuple[str, str]:
+def _book_statement(schema: str, query: str) -> tuple[str, str]:
     """The prepared statement's name (unique to the query's text) and its ``PREPARE``."""
-    text = sql.query("book_batch", schema)
+    text = sql.query(query, schema)
     name = "batchloop_book_" + hashlib.sha1(text.encode()).hexdigest()[:16]
     return name, f"PREPARE {name} AS {text}"
 
@@ -83,17 +86,20 @@ def _begin_text(
     revision: int,
     stop_key: int,
     owner: str,
+    query: str,
     prepared: bool,
 ) -> str | None:
-    """``BEGIN`` and ``book_batch``, executed or inlined; None if a value cannot be inlined."""
+    """``BEGIN`` and ``query`` (``book_batch`` or ``book_idle``), executed or inlined; None if a
+    value cannot be inlined."""
     args = (name, generation, revision, stop_key, owner)
     if prepared:
         literals = [sql.literal(a) for a in args]
         if any(lit is None for lit in literals):
             return None
-        book: str | None = f"EXECUTE {_book_statement(schema)[0]}({', '.join(literals)})"  # type: ignore[arg-type]
+        statement = _book_statement(schema, query)[0]
+        book: str | None = f"EXECUTE {statement}({', '.join(literals)})"  # type: ignore[arg-type]
     else:
-        book = sql.inline("book_batch", schema, *args)
+        book = sql.inline(query, schema, *args)
     return None if book is None else f"BEGIN ISOLATION LEVEL READ COMMITTED; {book}"
 
 
@@ -206,20 +212,30 @@ class Transaction:
         self._simple = False
         """Whether BEGIN went as our own text (so COMMIT may go the same way)."""
 
-    async def begin(self, revision: int) -> bool:
-        """Open the transaction and book a batch; False if the fence did not match."""
+    async def begin(self, revision: int, *, lock_first: bool = False) -> bool:
+        """Open the transaction and book a batch (with ``lock_first``, taking the wake lock
+        too); False if that did not match (the fence, or with ``lock_first`` a ping in flight)."""
         io = self.io
         if self._reset is not None:
             self._reset.undone(io.server_session())  # in use again: its release resets it
-        key = (self._schema, self._name, self._generation, revision, self._stop_key, self._owner)
+        query = "book_idle" if lock_first else "book_batch"
+        key = (
+            self._schema,
+            self._name,
+            self._generation,
+            revision,
+            self._stop_key,
+            self._owner,
+            query,
+        )
         text, prepared = None, False
         if io.sends_text:
-            prepared = self._prepare and await self._prepared()
+            prepared = self._prepare and await self._prepared(query)
             text = _begin_text(*key, prepared)
         if text is None:
             await io.begin()
             try:
-                return await self.book(revision)
+                return await self.book(revision, query)
             except BaseException:
                 await io.rollback()
                 raise
@@ -244,26 +260,28 @@ class Transaction:
         io.began_as_text()
         return tag == "UPDATE 1"
 
-    async def _prepared(self) -> bool:
-        """Whether ``book_batch`` is prepared in this session, preparing it if not."""
+    async def _prepared(self, query: str) -> bool:
+        """Whether ``query`` is prepared in this session, preparing it if not."""
         session = self.io.server_session()
-        if self._schema in _PREPARED.get(session, ()):
+        statement, prepare = _book_statement(self._schema, query)
+        if statement in _PREPARED.get(session, ()):
             return True
         try:
-            await self.io.send(_book_statement(self._schema)[1])
+            await self.io.send(prepare)
         except Exception as exc:
             state = sqlstate(exc)
             if state is None:
                 raise  # the connection, not the statement
             if state != DUPLICATE_PREPARED:
                 return False  # e.g. the schema is missing: the inlined text will say so
-        _PREPARED.setdefault(session, set()).add(self._schema)
+        _PREPARED.setdefault(session, set()).add(statement)
         return True
 
-    async def book(self, revision: int) -> bool:
-        """``book_batch`` with parameters (after the full fence sorted things out)."""
+    async def book(self, revision: int, query: str = "book_batch") -> bool:
+        """``query`` with parameters (after the full fence sorted things out, or where the
+        values cannot be inlined)."""
         args = (self._name, self._generation, revision, self._stop_key, self._owner)
-        return await self.io.execute("book_batch", *args) == "UPDATE 1"
+        return await self.io.execute(query, *args) == "UPDATE 1"
 
     async def commit(self, end: str = "", seconds: float = 0.0, *, leaving: bool = False) -> None:
         """Commit, with the closing statement :func:`closing` names (one message); ``leaving``:
@@ -314,12 +332,19 @@ class Iteration:
     """Whether this loop has logged that its work query returned an empty batch."""
     items: int | None = None
     """``len()`` of the last batch processed (None: unsized), for the observers."""
+    last_idle: Idle | None = None
+    """What the last query that found no work returned: whether the next poll will be past
+    the cooldown, before its own query says so."""
 
-    async def run(self, io: WorkConnection, worked_at: float | None) -> tuple[Decision, bool]:
+    async def run(
+        self, io: WorkConnection, worked_at: float | None, *, quiet: bool = False
+    ) -> tuple[Decision, bool]:
         """One transaction on ``io``; what next, and whether a batch was processed.
 
         ``worked_at``: ``anyio.current_time()`` of the last batch or wake, for the cooldown
-        (None: no cooldown polling, as in a tick's drain). Raises on failure, rolled back."""
+        (None: no cooldown polling, as in a tick's drain). ``quiet``: a poll after a poll, with
+        no sign of new work (no 'c' wake-up came in): it may take the wake lock first.
+        Raises on failure, rolled back."""
         # READ COMMITTED whatever the server default: the go-idle re-read needs a fresh snapshot.
         tx = Transaction(
             io,
@@ -331,10 +356,19 @@ class Iteration:
             prepare=self.prepare,
             reset=self.reset,
         )
-        booked = await tx.begin(self.loaded.revision)
+        # One clock reading for the whole iteration, so that a poll that took the lock first
+        # is also the one that goes idle (the cooldown only decides when polling stops).
+        since_work = None if worked_at is None else anyio.current_time() - worked_at
+        lock_first = (
+            quiet and since_work is not None and decide.lock_first(self.last_idle, since_work)
+        )
+        booked = await tx.begin(self.loaded.revision, lock_first=lock_first)
+        # No match: the fence (or a ping in flight) is sorted out below, and then the usual
+        # go-idle takes the lock itself.
+        locked = lock_first and booked
         with outcome.collect() as pending:
             try:
-                decision, processed = await self._transaction(io, tx, booked, worked_at)
+                decision, processed = await self._transaction(io, tx, booked, since_work, locked)
             except BaseException:
                 outcome.settle(pending, committed=False)
                 raise
@@ -342,7 +376,12 @@ class Iteration:
         return decision, processed
 
     async def _transaction(
-        self, io: WorkConnection, tx: Transaction, booked: bool, worked_at: float | None
+        self,
+        io: WorkConnection,
+        tx: Transaction,
+        booked: bool,
+        since_work: float | None,
+        locked: bool,
     ) -> tuple[Decision, bool]:
         try:
             if not booked:
@@ -351,11 +390,11 @@ class Iteration:
                     raise RuntimeError(f"loop {self.name!r}: its state changed while fencing")
             timeout = self.loaded.config.iteration_timeout
             if timeout is None:
-                decision, processed = await self._callables(io, worked_at)
+                decision, processed = await self._callables(io, since_work, locked)
             else:
                 try:
                     with anyio.fail_after(timeout) as limit:
-                        decision, processed = await self._callables(io, worked_at)
+                        decision, processed = await self._callables(io, since_work, locked)
                 except TimeoutError as exc:
                     if not limit.cancel_called:
                         raise  # the callables' own TimeoutError, not ours
@@ -391,24 +430,29 @@ class Iteration:
             await s.fetchval("wake_from_timeout", self.name)
 
     async def _callables(
-        self, io: WorkConnection, worked_at: float | None
+        self, io: WorkConnection, since_work: float | None, locked: bool
     ) -> tuple[Decision, bool]:
-        """Query, then worker or go-idle. True when a batch was processed."""
+        """Query, then worker or go-idle. True when a batch was processed. ``since_work``:
+        seconds since the last batch or wake at the iteration's start (None: no cooldown).
+        ``locked``: the wake lock is held already, so this query's answer is the go-idle
+        confirmation."""
         conn = io.raw
         result = await self._query(conn)
         if isinstance(result, Work):
+            # Under the wake lock (rare: new work without a 'c'), pings wait for this batch.
             return await self._process(conn, result), True
-        since_work = 1e9 if worked_at is None else anyio.current_time() - worked_at
-        decision = decide.after_idle(result, since_work)
+        self.last_idle = result
+        decision = decide.after_idle(result, 1e9 if since_work is None else since_work)
         if isinstance(decision, RunAgain):
             return decision, False
-        if not await io.session.fetchval("try_go_idle", self.name):
-            return RunAgain(result.poll_interval, "ping in flight"), False
-        confirm = await self._query(conn)
-        if isinstance(confirm, Work):
-            log.debug("loop %r: work arrived while going idle", self.name)
-            return await self._process(conn, confirm), True
-        final = decide.after_confirm(confirm)  # go_idle / go_waiting travel with the COMMIT
+        if not locked:
+            if not await io.session.fetchval("try_go_idle", self.name):
+                return RunAgain(result.poll_interval, "ping in flight"), False
+            result = await self._query(conn)
+            if isinstance(result, Work):
+                log.debug("loop %r: work arrived while going idle", self.name)
+                return await self._process(conn, result), True
+        final = decide.after_confirm(result)  # go_idle / go_waiting travel with the COMMIT
         log.debug("loop %r goes %s", self.name, final.state)
         return final, False
 

@@ -316,6 +316,7 @@ class NameLoop:
         return await self._iterate_now()
 
     async def _iterate_now(self) -> Decision:
+        quiet = self.polling and not self.missed_work
         self.seen = self.arrivals
         if self._held is None:
             lease = self.ctx.pool.acquire()
@@ -326,7 +327,7 @@ class NameLoop:
         try:
             io = self.ctx.driver.work(conn, self.ctx.schema)
             decision, processed = await self.iteration.run(
-                io, None if self.once else self.worked_at
+                io, None if self.once else self.worked_at, quiet=quiet
             )
         except anyio.get_cancelled_exc_class():
             raise  # the pid stays listed: its backend may live on, locks and all

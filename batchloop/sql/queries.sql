@@ -217,6 +217,19 @@ UPDATE {schema}.worker_state s
  WHERE w.name = s.name AND s.name = $1 AND s.generation = $2 AND s.revision = $3
    AND s.owner_host = $5 AND w.status = 'running' AND pg_try_advisory_xact_lock_shared($4)
 
+-- name: book_idle
+-- book_batch for a poll expected to find nothing past the cooldown: it also takes the name's
+-- wake lock exclusively, as try_go_idle does, so the work query that follows is the go-idle
+-- confirmation itself (see protocol.py, "No lost wakeup"). No match means the fence failed or
+-- a ping is in flight: the loop then books with book_batch and goes idle the usual way.
+UPDATE {schema}.worker_state s
+   SET batches = s.batches + 1, prev_work_at = s.last_work_at, last_work_at = now(),
+       consecutive_failures = 0, next_run_at = now(), cooling = false
+  FROM {schema}.workers w
+ WHERE w.name = s.name AND s.name = $1 AND s.generation = $2 AND s.revision = $3
+   AND s.owner_host = $5 AND w.status = 'running' AND pg_try_advisory_xact_lock_shared($4)
+   AND pg_try_advisory_xact_lock(w.wake_key)
+
 -- name: unbook_batch
 -- The query found no work (within the cooldown): the counters go back, and the loop is cooling,
 -- so that a ping tells its owner at once (migrations/0006).
