@@ -82,6 +82,10 @@ async def test_fence_rechecks_the_revision_after_waiting_for_a_ping(migrated_dsn
     try:
         assert await bl.ping(producer, name, race_query, WORKERS["a"]) == "created"
         stop_key = await producer.fetchval("SELECT batchloop.lock_key('stop', $1)", name)
+        # as a claim would: the fence tests the owner with the generation
+        await producer.execute(
+            "UPDATE batchloop.worker_state SET owner_host = 'me' WHERE name = $1", name
+        )
         loop_pid = loop.get_server_pid()
 
         async def while_a_ping_holds_the_row(tag: str, statement: str, *args: Any) -> Any:
@@ -110,12 +114,13 @@ async def test_fence_rechecks_the_revision_after_waiting_for_a_ping(migrated_dsn
                 0,
                 1,
                 stop_key,
+                "me",
             )
             assert booked == [], "book_batch matched the revision the ping replaced"
         async with loop.transaction():
             # the full fence, while a ping back to a (revision 3) holds the row
             fence = await while_a_ping_holds_the_row(
-                "a", sql.query("fence", "batchloop"), name, 0, stop_key
+                "a", sql.query("fence", "batchloop"), name, 0, stop_key, "me"
             )
             assert [tuple(r) for r in fence] == [("running", 3)]
         assert await loop.fetchval(
