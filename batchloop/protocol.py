@@ -137,8 +137,8 @@ IDLE only if it still finds nothing. Every ping either committed before that loc
 (so it reads IDLE and wakes the worker). Nothing falls between.
 
 A poll that the previous poll's ``Idle`` says will be past the cooldown, and for which no
-``c`` wake-up came in, takes the same lock in its first statement instead (``book_idle``:
-``book_batch`` plus ``pg_try_advisory_xact_lock(wake_key)``), so its only query is the one run
+``c`` wake-up came in, takes the same lock in its first statement instead (``book_batch``
+with its ``pg_try_advisory_xact_lock(wake_key)`` switched on), so its only query is the one run
 holding the lock, and the argument above holds for it unchanged. If that statement matches
 nothing (a ping in flight, or the fence), the loop books with ``book_batch`` and goes the usual
 way. A query under the lock that finds work runs it as a batch, with pings of the name waiting

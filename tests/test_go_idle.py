@@ -1,6 +1,7 @@
 """Going idle (protocol.py, "No lost wakeup"): a poll past the cooldown takes the wake lock with
-its booking (``book_idle``), so its one query is the go-idle confirmation; when a ping holds
-the lock, the loop books without it, keeps polling, and nothing is stranded."""
+its booking (``book_batch`` with the lock switched on), so its one query is the go-idle
+confirmation; when a ping holds the lock, the loop books without it, keeps polling, and nothing
+is stranded."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ async def test_right_after_a_batch_going_idle_confirms_with_a_second_query(
 
 
 async def test_a_ping_holding_the_wake_lock_keeps_the_loop_polling(migrated_dsn: str) -> None:
-    """A ping's open transaction holds the wake lock shared: ``book_idle`` matches nothing, the
+    """A ping's open transaction holds the wake lock shared: the booking matches nothing, the
     loop books without the lock, cannot go idle, and polls on; the ping's work is run once the
     ping commits."""
     conn = await asyncpg.connect(migrated_dsn)

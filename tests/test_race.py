@@ -115,6 +115,7 @@ async def test_fence_rechecks_the_revision_after_waiting_for_a_ping(migrated_dsn
                 1,
                 stop_key,
                 "me",
+                0,
             )
             assert booked == [], "book_batch matched the revision the ping replaced"
         async with loop.transaction():

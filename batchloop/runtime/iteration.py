@@ -15,9 +15,9 @@ Each iteration is a single transaction on a pool connection, READ COMMITTED:
    (``try_go_idle``: it fails while any ping transaction is in flight, and then we poll again),
    re-run the query with a fresh snapshot, and only if it still says idle, write idle or
    waiting (which also puts the bookkeeping back), sent with ``COMMIT``. A poll that the last
-   one's ``Idle`` says will be past the cooldown books with ``book_idle`` instead, which takes
-   the wake lock in the same statement: its query is then the confirmation, and the first
-   query and ``try_go_idle`` are saved (:func:`.decide.lock_first`).
+   one's ``Idle`` says will be past the cooldown has ``book_batch`` take the wake lock as well:
+   its query is then the confirmation, and the first query and ``try_go_idle`` are saved
+   (:func:`.decide.lock_first`).
 
 The worker's writes and the bookkeeping commit together or not at all; a failure rolls the
 iteration back and propagates to the loop, which records it.
@@ -67,13 +67,13 @@ UNKNOWN_PREPARED = "26000"
 
 _PREPARED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 """Server sessions (:meth:`~batchloop.drivers.base.WorkConnection.server_session`) holding our
-prepared ``book_batch`` / ``book_idle``, by statement name."""
+prepared ``book_batch``, by schema."""
 
 
 @cache
-def _book_statement(schema: str, query: str) -> tuple[str, str]:
+def _book_statement(schema: str) -> tuple[str, str]:
     """The prepared statement's name (unique to the query's text) and its ``PREPARE``."""
-    text = sql.query(query, schema)
+    text = sql.query("book_batch", schema)
     name = "batchloop_book_" + hashlib.sha1(text.encode()).hexdigest()[:16]
     return name, f"PREPARE {name} AS {text}"
 
@@ -86,20 +86,18 @@ def _begin_text(
     revision: int,
     stop_key: int,
     owner: str,
-    query: str,
+    lock: int,
     prepared: bool,
 ) -> str | None:
-    """``BEGIN`` and ``query`` (``book_batch`` or ``book_idle``), executed or inlined; None if a
-    value cannot be inlined."""
-    args = (name, generation, revision, stop_key, owner)
+    """``BEGIN`` and ``book_batch``, executed or inlined; None if a value cannot be inlined."""
+    args = (name, generation, revision, stop_key, owner, lock)
     if prepared:
         literals = [sql.literal(a) for a in args]
         if any(lit is None for lit in literals):
             return None
-        statement = _book_statement(schema, query)[0]
-        book: str | None = f"EXECUTE {statement}({', '.join(literals)})"  # type: ignore[arg-type]
+        book: str | None = f"EXECUTE {_book_statement(schema)[0]}({', '.join(literals)})"  # type: ignore[arg-type]
     else:
-        book = sql.inline(query, schema, *args)
+        book = sql.inline("book_batch", schema, *args)
     return None if book is None else f"BEGIN ISOLATION LEVEL READ COMMITTED; {book}"
 
 
@@ -218,7 +216,6 @@ class Transaction:
         io = self.io
         if self._reset is not None:
             self._reset.undone(io.server_session())  # in use again: its release resets it
-        query = "book_idle" if lock_first else "book_batch"
         key = (
             self._schema,
             self._name,
@@ -226,16 +223,16 @@ class Transaction:
             revision,
             self._stop_key,
             self._owner,
-            query,
+            int(lock_first),
         )
         text, prepared = None, False
         if io.sends_text:
-            prepared = self._prepare and await self._prepared(query)
+            prepared = self._prepare and await self._prepared()
             text = _begin_text(*key, prepared)
         if text is None:
             await io.begin()
             try:
-                return await self.book(revision, query)
+                return await self.book(revision, lock_first=lock_first)
             except BaseException:
                 await io.rollback()
                 raise
@@ -260,28 +257,27 @@ class Transaction:
         io.began_as_text()
         return tag == "UPDATE 1"
 
-    async def _prepared(self, query: str) -> bool:
-        """Whether ``query`` is prepared in this session, preparing it if not."""
+    async def _prepared(self) -> bool:
+        """Whether ``book_batch`` is prepared in this session, preparing it if not."""
         session = self.io.server_session()
-        statement, prepare = _book_statement(self._schema, query)
-        if statement in _PREPARED.get(session, ()):
+        if self._schema in _PREPARED.get(session, ()):
             return True
         try:
-            await self.io.send(prepare)
+            await self.io.send(_book_statement(self._schema)[1])
         except Exception as exc:
             state = sqlstate(exc)
             if state is None:
                 raise  # the connection, not the statement
             if state != DUPLICATE_PREPARED:
                 return False  # e.g. the schema is missing: the inlined text will say so
-        _PREPARED.setdefault(session, set()).add(statement)
+        _PREPARED.setdefault(session, set()).add(self._schema)
         return True
 
-    async def book(self, revision: int, query: str = "book_batch") -> bool:
-        """``query`` with parameters (after the full fence sorted things out, or where the
-        values cannot be inlined)."""
+    async def book(self, revision: int, *, lock_first: bool = False) -> bool:
+        """``book_batch`` with parameters (after the full fence sorted things out, or where
+        the values cannot be inlined)."""
         args = (self._name, self._generation, revision, self._stop_key, self._owner)
-        return await self.io.execute(query, *args) == "UPDATE 1"
+        return await self.io.execute("book_batch", *args, int(lock_first)) == "UPDATE 1"
 
     async def commit(self, end: str = "", seconds: float = 0.0, *, leaving: bool = False) -> None:
         """Commit, with the closing statement :func:`closing` names (one message); ``leaving``:

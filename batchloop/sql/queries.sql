@@ -205,7 +205,10 @@ SELECT w.status, s.revision
 -- our host as its owner, $5: see fence), the callables are the ones we loaded ($3), the worker
 -- runs, and no stop waits (the stop lock, $4, try-locked shared); its row lock then holds
 -- claims and stops off until we end. When the query finds no work, unbook_batch (or go_idle /
--- go_waiting) puts the counters back.
+-- go_waiting) puts the counters back. With $6 = 1 (a poll expected to go idle past the
+-- cooldown) it also takes the name's wake lock exclusively, as try_go_idle does, so that the
+-- work query after it is the go-idle confirmation itself (protocol.py, "No lost wakeup"); no
+-- match then may also mean a ping is in flight.
 -- Generation and revision are tested on worker_state, the row being updated: when this waits
 -- for a ping's or a claim's row lock, PostgreSQL re-checks the new version of that row only
 -- (the joined workers row stays as the statement's snapshot saw it), and the work query that
@@ -216,19 +219,7 @@ UPDATE {schema}.worker_state s
   FROM {schema}.workers w
  WHERE w.name = s.name AND s.name = $1 AND s.generation = $2 AND s.revision = $3
    AND s.owner_host = $5 AND w.status = 'running' AND pg_try_advisory_xact_lock_shared($4)
-
--- name: book_idle
--- book_batch for a poll expected to find nothing past the cooldown: it also takes the name's
--- wake lock exclusively, as try_go_idle does, so the work query that follows is the go-idle
--- confirmation itself (see protocol.py, "No lost wakeup"). No match means the fence failed or
--- a ping is in flight: the loop then books with book_batch and goes idle the usual way.
-UPDATE {schema}.worker_state s
-   SET batches = s.batches + 1, prev_work_at = s.last_work_at, last_work_at = now(),
-       consecutive_failures = 0, next_run_at = now(), cooling = false
-  FROM {schema}.workers w
- WHERE w.name = s.name AND s.name = $1 AND s.generation = $2 AND s.revision = $3
-   AND s.owner_host = $5 AND w.status = 'running' AND pg_try_advisory_xact_lock_shared($4)
-   AND pg_try_advisory_xact_lock(w.wake_key)
+   AND ($6 = 0 OR pg_try_advisory_xact_lock(w.wake_key))
 
 -- name: unbook_batch
 -- The query found no work (within the cooldown): the counters go back, and the loop is cooling,
