@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import asyncpg
 import pytest
 
@@ -99,4 +100,51 @@ async def test_a_failed_batch_claim_gives_back_the_locks_it_took(migrated_dsn: s
     assert rows == [] and await count(claimer, OUR_LOCKS) == 0
     control.detach()
     await claimer.close()
+    await conn.close()
+
+
+async def test_loops_ending_together_share_their_release_statements(
+    migrated_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The control connection runs one statement at a time: while one release (unlock and
+    re-check) is out, the loops that end meanwhile queue up, and go 50 to a statement."""
+    conn = await asyncpg.connect(migrated_dsn)
+    await create_tables(conn)
+    names = [f"end{i:03}" for i in range(120)]
+    for n in names:
+        knobs(n).idle = bl.Idle(cooldown=0.0)
+    releases: list[int] = []
+    gate = anyio.Event()
+    real_fetch = Control.fetch
+
+    async def held_release(self: Control, name: str, *args: Any) -> Any:
+        if name == "claim_many" and args[2]:
+            releases.append(len(args[2]))
+            await gate.wait()  # the first release stays out until every loop has ended
+        return await real_fetch(self, name, *args)
+
+    monkeypatch.setattr(Control, "fetch", held_release)
+    async with bl.Host(migrated_dsn, modules=["jobs"]) as host:
+        async with conn.transaction():
+            await conn.execute(
+                "INSERT INTO items (name, value) SELECT n, 1 FROM unnest($1::text[]) n", names
+            )
+            for n in names:
+                await bl.ping(conn, n, next_items, process_items)
+        await wait_for(lambda: count(conn, "SELECT count(*) FROM done"), expect=120, timeout=30)
+        await wait_for(lambda: not host.owned(), timeout=30, message="loops still running")
+        assert releases == [1]  # one went out; the other 119 wait behind it
+        gate.set()
+        await wait_for(
+            lambda: count(
+                conn,
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+                " WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND a.application_name = $1",
+                host.application_name,
+            ),
+            expect=0,
+            timeout=30,
+        )
+    assert sum(releases) == 120 and len(releases) == 1 + 3, releases  # 1, then 50 + 50 + 19
+    assert await count(conn, "SELECT count(*) FROM batchloop.workers WHERE status <> 'idle'") == 0
     await conn.close()
