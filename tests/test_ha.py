@@ -113,6 +113,8 @@ async def test_a_connection_dropped_at_begin_reports_its_own_error(migrated_dsn:
     admin = await asyncpg.connect(migrated_dsn)
     await create_tables(admin)
     await insert_and_ping(admin, "b", 1)
+    # as a claim would: the booking tests the owner with the generation
+    await admin.execute("UPDATE batchloop.worker_state SET owner_host = 'me' WHERE name = 'b'")
     generation, revision = await admin.fetchrow(
         "SELECT s.generation, w.revision FROM batchloop.worker_state s"
         " JOIN batchloop.workers w USING (name) WHERE name = 'b'"
@@ -122,7 +124,7 @@ async def test_a_connection_dropped_at_begin_reports_its_own_error(migrated_dsn:
         async with pool.acquire() as conn:
             pid = conn.get_server_pid()
             it = Transaction(
-                AsyncpgWork(conn, "batchloop"), "batchloop", "b", generation, 1, prepare=False
+                AsyncpgWork(conn, "batchloop"), "batchloop", "b", generation, 1, "me", prepare=False
             )
             async with admin.transaction():
                 await admin.execute(
