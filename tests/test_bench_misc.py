@@ -1,4 +1,5 @@
-"""Tiny runs of the benchmark scripts (latency, ping cost, failover, idle cost, many names).
+"""Tiny runs of the benchmark scripts (latency, ping cost, failover, idle cost, many names,
+cold round trips).
 
 Each runs its command line with toy sizes into a temporary results directory and checks that
 the output is complete and sane: counts add up, every sample arrived, goals are evaluated. No
@@ -18,6 +19,7 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
+import cold_trips  # noqa: E402
 import failover  # noqa: E402
 import idle_cost  # noqa: E402
 import latency  # noqa: E402
@@ -132,3 +134,17 @@ def test_many_names_smoke(pg_admin_dsn: str, tmp_path: Path, capsys: Any) -> Non
     assert data["drain_s"] is not None and data["all_idle_s"] is not None
     assert sum(r["names"] for r in data["spread"]) == 30 + data["names_on_several_hosts"]
     _positive(data["ping_to_first_batch"], 30)
+
+
+def test_cold_trips_smoke(pg_admin_dsn: str, tmp_path: Path, capsys: Any) -> None:
+    cold_trips.main(
+        ["--dsn", pg_admin_dsn, "--samples", "20", "--pause", "0.005", "--out", str(tmp_path)]
+    )
+    assert "after a pause" in capsys.readouterr().out
+    data = _result(tmp_path, "cold_trips")
+    ways = {(r["statement"], r["way"]): r for r in data["results"]}
+    assert set(ways) == {
+        (s, w) for s in cold_trips.STATEMENTS for w in ("back to back", "after a pause")
+    }
+    for (_, way), r in ways.items():
+        _positive(r, 18 if way == "back to back" else 20)
