@@ -15,7 +15,7 @@ from batchloop.runtime.session import Control
 
 from helpers import count, wait_for
 from invariants import assert_invariants
-from jobs import create_tables, knobs, next_items, process_items
+from jobs import create_tables, insert_and_ping, knobs, next_items, process_items
 
 pytestmark = pytest.mark.anyio
 
@@ -148,3 +148,40 @@ async def test_loops_ending_together_share_their_release_statements(
     assert sum(releases) == 120 and len(releases) == 1 + 3, releases  # 1, then 50 + 50 + 19
     assert await count(conn, "SELECT count(*) FROM batchloop.workers WHERE status <> 'idle'") == 0
     await conn.close()
+
+
+async def test_a_host_over_its_share_lets_the_others_claim_first(
+    migrated_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Host A owns 20 names, host B none: new names' wake-ups reach both, A holds its claim
+    back (``claim_delay``, here made long enough that B's claims always come first on a
+    loaded machine) and B takes them."""
+    from batchloop.runtime import decide
+
+    real = decide.claim_delay
+    monkeypatch.setattr(decide, "claim_delay", lambda *a: 20 * real(*a))
+    conn = await asyncpg.connect(migrated_dsn)
+    await create_tables(conn)
+    old, new = [f"old{i:02}" for i in range(20)], [f"new{i:02}" for i in range(10)]
+    for n in old + new:
+        knobs(n).idle = bl.Idle(cooldown=3600.0, poll_interval=1.0)  # stay owned
+    try:
+        async with bl.Host(migrated_dsn, modules=["jobs"], heartbeat_interval=0.1) as a:
+            for n in old:
+                await insert_and_ping(conn, n, 1)
+            await wait_for(lambda: len(a.owned()), expect=20)
+            async with bl.Host(migrated_dsn, modules=["jobs"], heartbeat_interval=0.1) as b:
+                await wait_for(
+                    lambda: (
+                        (a._claims.shares.others, a._claims.shares.others_owned) == (1, 0)
+                        and b._claims.shares.others_owned == 20
+                    ),
+                    message="the hosts never saw each other's shares",
+                )
+                assert a._claims.claim_delay() > 0 and b._claims.claim_delay() == 0
+                for n in new:
+                    await insert_and_ping(conn, n, 1)
+                await wait_for(lambda: count(conn, "SELECT count(*) FROM items"), expect=0)
+                assert b.owned() == set(new) and a.owned() == set(old)
+    finally:
+        await conn.close()
