@@ -206,10 +206,11 @@ before the error propagates.
 
 Even shares: each heartbeat writes how many names its host owns (``hosts.owned``) and reads the
 other live hosts' counts in the same statement. A host over an even share waits a little (up
-to 50 ms, in proportion to its excess) before claiming names it was told about, so the hosts
-with fewer names win them; what nobody took meanwhile it still claims, so a name never waits
-for a host that is gone. Within a host, cooldown polls run at most half a pool at a time: under
-load a poll runs late, a first batch does not (a ping on a cooling loop wakes it anyway).
+to 50 ms, in proportion to its excess) before claiming names it was told about or its monitor
+found without an owner, so the hosts with fewer names win them; what nobody took meanwhile it
+still claims, so a name never waits for a host that is gone. Within a host, cooldown polls run
+at most half a pool at a time: under load a poll runs late, a first batch does not (a ping on
+a cooling loop wakes it anyway).
 
 A control connection whose state is in doubt (a timed-out statement, a missed heartbeat, a host
 row deleted by another host) is terminated at once rather than reused, which hands its names to

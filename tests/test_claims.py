@@ -155,7 +155,7 @@ async def test_a_host_over_its_share_lets_the_others_claim_first(
 ) -> None:
     """Host A owns 20 names, host B none: new names' wake-ups reach both, A holds its claim
     back (``claim_delay``, here made long enough that B's claims always come first on a
-    loaded machine) and B takes them."""
+    loaded machine) and B takes them. Without the deferral A takes most of them (tried)."""
     from batchloop.runtime import decide
 
     real = decide.claim_delay
@@ -166,7 +166,11 @@ async def test_a_host_over_its_share_lets_the_others_claim_first(
     for n in old + new:
         knobs(n).idle = bl.Idle(cooldown=3600.0, poll_interval=1.0)  # stay owned
     try:
-        async with bl.Host(migrated_dsn, modules=["jobs"], heartbeat_interval=0.1) as a:
+        # A's monitor ticks too (0.1 s): it finds a name in the moment before B claims it, and
+        # holds back as the wake-ups do.
+        async with bl.Host(
+            migrated_dsn, modules=["jobs"], heartbeat_interval=0.1, monitor_interval=0.1
+        ) as a:
             for n in old:
                 await insert_and_ping(conn, n, 1)
             await wait_for(lambda: len(a.owned()), expect=20)
