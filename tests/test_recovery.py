@@ -144,7 +144,7 @@ async def test_a_returned_connection_leaves_the_zombie_list_and_a_broken_one_sta
 
     pool = await asyncpg.create_pool(migrated_dsn, min_size=1, max_size=2)
     try:
-        ctx = LoopContext(pool, "batchloop", release, AsyncpgLoopDriver())
+        ctx = LoopContext(pool, "batchloop", release, AsyncpgLoopDriver(), "tester")
         loop = NameLoop(ctx, "n", 1, 1, 2, LoadedWorker(1, query, worker, Config()), 0, 0.0)
         leases = [pool.acquire(), pool.acquire()]
         conns = [await lease.__aenter__() for lease in leases]  # two distinct connections

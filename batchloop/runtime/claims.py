@@ -123,6 +123,16 @@ class Claims:
         shares = self.shares
         return decide.claim_delay(len(self.loops), shares.others, shares.others_owned)
 
+    async def claim_new(self, names: list[str], *, handoff: bool = False) -> NameLoop | None:
+        """Claim names found without an owner (told by a wake-up, or found by the monitor);
+        over an even share, only after letting the other hosts claim first: what they leave,
+        we take. ``handoff`` as for :meth:`claim`."""
+        if not names:
+            return None
+        if (delay := self.claim_delay()) > 0:
+            await anyio.sleep(delay)
+        return await self.claim(names, handoff=handoff)
+
     async def claim(
         self, names: list[str], unlock: list[int] | None = None, *, handoff: bool = False
     ) -> NameLoop | None:

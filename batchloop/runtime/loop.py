@@ -69,7 +69,7 @@ class LoopContext:
     release: Callable[[NameLoop], Awaitable[None]]
     driver: LoopDriver
     """The client library of ``pool``'s connections, which the user's callables get."""
-    owner: str = ""
+    owner: str
     """The id the claims write as ``worker_state.owner_host`` (a host's, or a tick's): the
     fence matches it with the generation."""
     prepare: bool = False
@@ -179,6 +179,13 @@ class NameLoop:
         """Polling, and a ping's 'c' came in after the last iteration began: its query may not
         have seen that work, so the loop must look again rather than sleep."""
         return self.polling and self.arrivals != self.seen
+
+    @property
+    def quiet_poll(self) -> bool:
+        """Polling, and no 'c' came in since the last iteration began: the next iteration is
+        a speculative poll (bounded by ``LoopContext.polls``, and it may take the wake lock
+        first)."""
+        return self.polling and self.arrivals == self.seen
 
     def work_arrived(self) -> None:
         """A ping committed work while this loop was cooling down: poll now, not at the next
@@ -310,13 +317,13 @@ class NameLoop:
 
     async def _iterate(self) -> Decision:
         polls = self.ctx.polls
-        if polls is not None and self.polling and not self.missed_work:
+        quiet = self.quiet_poll
+        if polls is not None and quiet:
             async with polls:
-                return await self._iterate_now()
-        return await self._iterate_now()
+                return await self._iterate_now(quiet)
+        return await self._iterate_now(quiet)
 
-    async def _iterate_now(self) -> Decision:
-        quiet = self.polling and not self.missed_work
+    async def _iterate_now(self, quiet: bool) -> Decision:
         self.seen = self.arrivals
         if self._held is None:
             lease = self.ctx.pool.acquire()

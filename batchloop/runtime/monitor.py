@@ -87,10 +87,7 @@ class Monitor:
             elif self._claims.runnable(row["work_query"], row["worker"]):
                 self._claims.lacking_callables.discard(name)
                 wanted.append(name)
-        if wanted and (delay := self._claims.claim_delay()) > 0:
-            # Over an even share, as the wake-ups' dispatcher does: another host may take them.
-            await anyio.sleep(delay)
-        await self._claims.claim(wanted)
+        await self._claims.claim_new(wanted)
 
     async def _end_host(self, control: Control, host_id: str) -> bool:
         """Terminate a frozen host's backends and forget its row; whether that worked."""

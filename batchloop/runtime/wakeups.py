@@ -100,10 +100,7 @@ class Dispatcher:
                     loop.wake()
                 elif wakeup.name not in self._claims.lacking_callables:
                     wanted.append(wakeup.name)
-            if wanted and (delay := self._claims.claim_delay()) > 0:
-                # Over an even share: let the other hosts claim first; what they leave, we take.
-                await anyio.sleep(delay)
-            claimed = await self._claims.claim(wanted, handoff=True) if wanted else None
+            claimed = await self._claims.claim_new(wanted, handoff=True)
             if claimed is not None:
                 if observe.observers:
                     # The host's task tree carries its id in the log context.
