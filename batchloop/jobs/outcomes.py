@@ -8,6 +8,7 @@ import json
 import pydantic_core
 
 from ..drivers.errors import connection_lost, sqlstate
+from ..runtime.loop import storable as storable_text
 
 RETRY_BASE = 0.5
 """Backoff of a failed attempt: about RETRY_BASE * 2**(attempt-1) seconds, jittered down to
@@ -25,12 +26,7 @@ def backoff(attempt: int, jitter: float) -> float:
 
 def storable(text: str) -> str:
     """``text`` as PostgreSQL text accepts it (no NUL, no lone surrogate), bounded."""
-    text = text.replace("\x00", "\\x00")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text[:ERROR_MAX]
+    return storable_text(text)[:ERROR_MAX]
 
 
 def describe(exc: BaseException) -> str:

@@ -127,8 +127,9 @@ class Runtime:
         self._held: tuple[contextlib.AbstractAsyncContextManager[Any], Any] | None = None
         self._verifying: set[asyncio.Task[None]] = set()
         self._solo: set[tuple[int, int]] = set()
-        self._flushing = False
         """Attempts the loop failed to record: left to the flusher."""
+        self._flushing = False
+        """A flush is under way (the runner is not idle even with nothing queued)."""
 
     # ------------------------------------------------------------------ handlers
 
